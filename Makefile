@@ -1,0 +1,37 @@
+# `make run`: the main job on the embedded default. `make test`: the test suite.
+# Both build .venv on first use: torch==2.13.0 (CPU wheel) first, then the project, pinned by
+# constraints.txt.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.strata-installed
+OUT    ?= runs/default
+STEPS  ?=
+SMOKE  ?=
+
+.PHONY: run test install smoke bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --out $(OUT)
+
+# A two-minute variant of `make run` on the small test backbone, for docs and CI.
+smoke: $(STAMP)
+	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --backbone builtin:test \
+		--tasks 3 --steps 40 --test-rows 100 --out runs/smoke
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_cost.py
+
+clean:
+	rm -rf runs .pytest_cache

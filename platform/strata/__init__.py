@@ -1,0 +1,1 @@
+"""Strata: continual instruction tuning of vision-language models on Ray."""

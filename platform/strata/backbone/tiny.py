@@ -1,0 +1,207 @@
+"""The built-in backbone recipe: a tiny LLaVA (CLIP tower, projector, Llama LM) made in-process.
+
+No weights can be downloaded, so Strata ships a recipe: a BPE tokenizer and image processor
+built here, a model from config, and a few CPU minutes of caption pretraining on procedurally
+drawn scenes. The result is cached under the user's cache dir, keyed by the recipe's hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from strata.data import benchmark
+from strata.data.collate import collate, encode_table
+from strata.data.template import EOS, IMAGE_TOKEN
+
+RECIPE_VERSION = "2"  # bump when the code below changes what a recipe produces
+PRETRAIN_PROMPT = "Describe the image."
+SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
+
+
+@dataclass(frozen=True)
+class TinyRecipe:
+    """Everything that determines the built-in backbone's weights."""
+
+    width: int = 64
+    vision_layers: int = 2
+    text_layers: int = 3
+    heads: int = 4
+    image_size: int = 48
+    patch_size: int = 8
+    vocab_size: int = 600
+    corpus_size: int = 6000  # pretraining captions (scenes drawn once, reused across epochs)
+    steps: int = 3000  # about 3 CPU minutes on 2 cores at the defaults
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        """Cache key: hash of the recipe fields and the recipe code version."""
+        blob = json.dumps({"v": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+RECIPES = {
+    "builtin:tiny": TinyRecipe(),
+    # Small enough that a test session pretrains it in well under a minute.
+    "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=3000, steps=900),
+}
+
+
+def cache_root() -> Path:
+    """Where built backbones live: $STRATA_CACHE, else $XDG_CACHE_HOME/strata, else ~/.cache/strata."""
+    if os.environ.get("STRATA_CACHE"):
+        return Path(os.environ["STRATA_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "strata"
+
+
+def build_processor(recipe: TinyRecipe, texts: list[str]) -> LlavaProcessor:
+    """Train a byte-level BPE on the benchmark's vocabulary and pair it with a CLIP processor."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token=EOS,
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    size = {"shortest_edge": recipe.image_size}
+    crop = {"height": recipe.image_size, "width": recipe.image_size}
+    images = CLIPImageProcessorPil(size=size, crop_size=crop)
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=fast,
+        patch_size=recipe.patch_size,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def build_model(recipe: TinyRecipe, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
+    """A randomly initialised tiny LLaVA whose shapes come from the recipe."""
+    tok = processor.tokenizer
+    w, h = recipe.width, recipe.heads
+    vision = CLIPVisionConfig(
+        hidden_size=w, intermediate_size=2 * w, num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=h, image_size=recipe.image_size, patch_size=recipe.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w,
+        num_hidden_layers=recipe.text_layers, num_attention_heads=h, num_key_value_heads=h,
+        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    n_patches = (recipe.image_size // recipe.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=n_patches, vision_feature_select_strategy="default",
+        vision_feature_layer=-1,  # a 2-layer tower: LLaVA's usual -2 would leave half of it unused
+        projector_hidden_act="gelu", tie_word_embeddings=True,
+    )
+    torch.manual_seed(recipe.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def pretrain(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    recipe: TinyRecipe,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """Full-parameter caption pretraining; returns the final smoothed loss."""
+    corpus = benchmark.pretraining_corpus(recipe.seed, recipe.corpus_size, recipe.image_size)
+    table = pa.table({
+        "image": [img for img, _ in corpus],
+        "prompt": [PRETRAIN_PROMPT] * len(corpus),
+        "answer": [cap for _, cap in corpus],
+    })
+    enc = encode_table(processor, table, with_answers=True)
+    pad = processor.tokenizer.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    warmup = max(1, recipe.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / recipe.steps))
+    )
+    rng = random.Random(recipe.seed)
+    model.train()
+    ema = None
+    for step in range(recipe.steps):
+        batch = collate(enc.select(rng.sample(range(len(enc)), recipe.batch_size)), pad)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if progress is not None:
+            progress(step + 1, ema)
+    model.eval()
+    return float(ema)
+
+
+def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
+    """Return the cached directory of a built-in backbone, building and pretraining it if absent."""
+    recipe = RECIPES[name]
+    final = cache_root() / "backbones" / f"{name.split(':')[1]}-{recipe.key()}"
+    if (final / "strata_recipe.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    processor = build_processor(recipe, benchmark.vocabulary_text())
+    model = build_model(recipe, processor)
+    loss = pretrain(model, processor, recipe, progress)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        meta = {"recipe": dataclasses.asdict(recipe), "key": recipe.key(), "final_loss": loss,
+                "seconds": round(time.time() - started, 1)}
+        # Written last: a directory without it is an unfinished build and is never used.
+        (tmp / "strata_recipe.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "strata_recipe.json").exists():
+            raise
+        # Another process finished the same build first; theirs is identical.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

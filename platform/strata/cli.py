@@ -1,0 +1,132 @@
+"""The `strata` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from strata.config import RunConfig, from_dict
+
+app = typer.Typer(help="Strata: continual instruction tuning of vision-language models on Ray.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: validate, import, generate.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a clear error and exit non-zero."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def build_run_config(
+    config: Optional[Path], strategies: list[str], tasks: Optional[int], steps: Optional[int],
+    out: Optional[str], seed: Optional[int], backbone: Optional[str], workers: Optional[int],
+    data: Optional[str], test_rows: Optional[int],
+) -> RunConfig:
+    """YAML (if given) first, then flags on top; validation happens in the dataclasses."""
+    raw: dict = yaml.safe_load(config.read_text()) or {} if config else {}
+    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    if strategies:
+        raw["strategies"] = list(strategies)
+    if backbone:
+        raw.setdefault("backbone", {})["source"] = backbone
+    train = raw.setdefault("train", {})
+    if steps is not None:
+        train["steps"] = steps
+    if workers is not None:
+        train["num_workers"] = workers
+    if seed is not None:
+        train.setdefault("seed", seed)
+    return from_dict(RunConfig, raw, "run config")
+
+
+@app.command()
+def run(
+    strategy: list[str] = typer.Option([], "--strategy", "-s", help="Strategy to run; repeat for several."),
+    tasks: Optional[int] = typer.Option(None, help="How many tasks of the stream to learn."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps per task."),
+    out: Optional[str] = typer.Option(None, help="Output directory."),
+    seed: Optional[int] = typer.Option(None, help="Seed for data, init and sampling."),
+    backbone: Optional[str] = typer.Option(None, help="builtin:tiny, builtin:test, or a local model dir."),
+    workers: Optional[int] = typer.Option(None, help="Ray Train workers per task."),
+    data: Optional[str] = typer.Option(None, help="Directory of <task>.parquet (default: built-in)."),
+    test_rows: Optional[int] = typer.Option(None, help="Test rows per built-in task."),
+    config: Optional[Path] = typer.Option(None, help="YAML file that fills the run config."),
+) -> None:
+    """Learn a stream of tasks with each strategy and compare forgetting."""
+    from strata.data.schema import DatasetError
+    from strata.pipeline import run as run_pipeline
+
+    try:
+        cfg = build_run_config(config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows)
+        run_pipeline(cfg, console)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, DatasetError):
+            console.print(e.report.format())
+        fail(str(e).splitlines()[0] if isinstance(e, DatasetError) else str(e))
+
+
+@data_app.command("validate")
+def data_validate(path: Path) -> None:
+    """Check a dataset against the schema; exit 1 with a row-by-row report if it is bad."""
+    from strata.data.schema import validate_dataset
+
+    try:
+        report = validate_dataset(path)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if report.ok:
+        console.print(f"[green]ok[/]: {path} ({report.num_rows} rows)")
+        return
+    table = Table(title=f"{path}: {len(report.problems)} problem(s)")
+    for col in ("row", "id", "field", "reason"):
+        table.add_column(col)
+    for p in report.problems[:200]:
+        table.add_row("—" if p.row is None else str(p.row), p.id or "—", p.field, p.reason)
+    console.print(table)
+    fail(f"{path} is not a valid dataset ({len(report.problems)} problem(s))")
+
+
+@data_app.command("import-llava")
+def data_import_llava(
+    json_path: Path, image_dir: Path, out: Path,
+    split: str = typer.Option("train", help="Split for every row when no fractions are given."),
+    val_fraction: float = typer.Option(0.0, help="Share of conversations sent to val."),
+    test_fraction: float = typer.Option(0.0, help="Share of conversations sent to test."),
+) -> None:
+    """Convert LLaVA conversation JSON into Strata's Parquet schema (one row per answer turn)."""
+    from strata.data.llava_import import import_llava
+    from strata.data.schema import DatasetError
+
+    try:
+        summary = import_llava(json_path, image_dir, out, split=split,
+                               val_fraction=val_fraction, test_fraction=test_fraction)
+    except DatasetError as e:
+        console.print(e.report.format())
+        fail(f"the converted rows are not valid; nothing was written to {out}")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"[green]wrote[/] {summary.rows} rows from {summary.records} conversations to {out} "
+                  f"({json.dumps(summary.rows_per_split)})")
+    for s in summary.skipped:
+        console.print(f"[yellow]skipped[/] record {s.index} ({s.id}): {s.reason}")
+
+
+@data_app.command("generate")
+def data_generate(out: Path, seed: int = 0, tasks: int = 8, test_rows: int = 500) -> None:
+    """Write the built-in benchmark stream as Parquet (one file per task)."""
+    from strata.data.benchmark import TASKS, write_benchmark
+
+    files = write_benchmark(out, seed, TASKS[:tasks], n_test=test_rows)
+    for task, path in files.items():
+        console.print(f"{task}: {path}")
+

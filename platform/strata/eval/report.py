@@ -1,0 +1,64 @@
+"""Terminal tables for the accuracy matrix and for comparing strategies."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from rich.table import Table
+
+from strata.eval.metrics import Matrix, to_array
+
+MISSING = "—"
+
+# (column header, result key, signed) — deltas get an explicit sign so a drop reads as one.
+_COLUMNS = (
+    ("FAA", "faa", False),
+    ("MFN", "mfn", False),
+    ("MFT", "mft", False),
+    ("MAA", "maa", False),
+    ("BWT", "bwt", True),
+    ("FWT", "fwt", True),
+    ("F", "forgetting", False),
+)
+
+
+def _fmt(value: Any, signed: bool = False) -> str:
+    """One decimal, or MISSING for None/NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    return f"{float(value):+.1f}" if signed else f"{float(value):.1f}"
+
+
+def matrix_table(R: Matrix, tasks: Sequence[str], title: str) -> Table:
+    """R as a table: a row per 'after task t', a column per task i, blank where not evaluated."""
+    A = to_array(R)
+    T = A.shape[0]
+    if len(tasks) != T:
+        raise ValueError(f"got {len(tasks)} task names but R covers {T} tasks")
+    table = Table(title=title)
+    table.add_column("after task", style="bold")
+    for name in tasks:
+        table.add_column(str(name), justify="right")
+    for t in range(T):
+        cells = ["" if math.isnan(v) else f"{v:.1f}" for v in A[t]]
+        table.add_row(str(tasks[t]), *cells)
+    return table
+
+
+def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
+    """One row per strategy with FAA, MFN, MFT, MAA, BWT, FWT, F (and router acc if any has it)."""
+    with_router = any("router_accuracy" in r for r in results.values())
+    table = Table(title="strategy comparison")
+    table.add_column("strategy", style="bold")
+    for header, _, _ in _COLUMNS:
+        table.add_column(header, justify="right")
+    if with_router:
+        table.add_column("router acc", justify="right")
+    for name, r in results.items():
+        cells = [_fmt(r.get(key), signed) for _, key, signed in _COLUMNS]
+        if with_router:
+            cells.append(_fmt(r.get("router_accuracy")))
+        table.add_row(str(name), *cells)
+    return table

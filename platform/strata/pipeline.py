@@ -1,0 +1,178 @@
+"""The continual run: for each strategy, learn the stream task by task and fill the accuracy matrix.
+
+Per task: mix the rows (strategy) → train on Ray Train → install the adapter → strategy
+bookkeeping → evaluate every task of the stream. The same code runs on a laptop and in a Ray job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform as py_platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from rich.console import Console
+from rich.progress import Progress
+
+from strata.atomic import write_text
+from strata.backbone.load import fingerprint, load_backbone, resolve
+from strata.config import RunConfig, check_name
+from strata.data.benchmark import TASKS, write_benchmark
+from strata.data.collate import Encoded, encode_table
+from strata.data.schema import load_dataset, write_table
+from strata.eval.evaluate import TaskResult, evaluate_task
+from strata.eval.metrics import summarize
+from strata.eval.plots import plot_accuracy_matrix
+from strata.eval.report import comparison_table, matrix_table
+from strata.strategies import make_strategy
+from strata.strategies.base import Strategy, TaskContext
+from strata.train.driver import TaskJob, fit_task, init_ray
+from strata.adapters.lora import load_adapter
+
+_VERSIONED = ("torch", "transformers", "peft", "ray", "pyarrow", "strata")
+
+
+def stream_files(cfg: RunConfig, out: Path) -> dict[str, Path]:
+    """Task name -> dataset path, in stream order (the built-in benchmark unless cfg.data is set)."""
+    if cfg.data is None:
+        return write_benchmark(out / "data", cfg.seed, TASKS[: cfg.tasks], cfg.n_train, cfg.n_val, cfg.n_test)
+    root = Path(cfg.data)
+    order_file = root / "stream.json"
+    if order_file.exists():
+        names = json.loads(order_file.read_text())["tasks"]
+    else:
+        names = sorted(p.stem for p in root.glob("*.parquet"))
+    if len(names) < cfg.tasks:
+        raise ValueError(f"{root} holds {len(names)} task(s) {names}, but tasks={cfg.tasks}")
+    return {check_name(n, "task name"): root / f"{n}.parquet" for n in names[: cfg.tasks]}
+
+
+def split(table: pa.Table, name: str) -> pa.Table:
+    """Rows of one split."""
+    return table.filter(pc.equal(table["split"], name))
+
+
+def sha256(path: Path) -> str:
+    """Content hash of a file, for the run manifest."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def eval_model(cfg: RunConfig, backbone_path: Path, strategy: Strategy, ctx: TaskContext | None):
+    """A fresh backbone with the strategy's adapters after task `ctx` (None: the bare backbone)."""
+    model, processor = load_backbone(cfg.backbone, backbone_path)
+    for name in strategy.eval_adapters(ctx) if ctx else []:
+        model = load_adapter(model, ctx.adapters_dir / name, name)
+    return model, processor
+
+
+def evaluate_all(model, processor, strategy, ctx, tests: dict[str, Encoded], batch_size: int) -> dict[str, TaskResult]:
+    """Evaluate every task of the stream, routing each row as the strategy would at inference."""
+    results = {}
+    for task, enc in tests.items():
+        names = strategy.route(ctx, model, processor, enc, task) if ctx else [None] * len(enc)
+        results[task] = evaluate_task(model, processor, enc, names, batch_size)
+    return results
+
+
+def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict[str, pa.Table],
+                 tests: dict[str, Encoded], backbone_path: Path, base: list[float],
+                 progress: Progress) -> dict:
+    """Learn the whole stream with one strategy; write metrics, plot, predictions and manifest."""
+    out = Path(cfg.out).resolve() / name
+    state_dir = out / "state"
+    shutil.rmtree(state_dir, ignore_errors=True)  # a run starts from the frozen backbone
+    strategy = make_strategy(name, cfg)
+    tasks = list(files)
+    T = len(tasks)
+    R = np.full((T, T), np.nan)
+    train_paths: dict[str, str] = {}
+    predictions: list[dict] = []
+    bar = progress.add_task(f"{name}", total=T)
+    for t, task in enumerate(tasks):
+        train_paths[task] = str(out / "data" / f"{task}.train.parquet")
+        write_table(split(tables[task], "train"), Path(train_paths[task]))
+        ctx = TaskContext(t, task, tuple(tasks[:t]), dict(train_paths), str(state_dir))
+        rows_path = state_dir / "rows.parquet"
+        write_table(strategy.training_table(ctx, split(tables[task], "train")), rows_path)
+        job = TaskJob(strategy, ctx, str(rows_path), cfg.train, cfg.backbone, str(backbone_path), 1)
+        fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}")
+        model, processor = eval_model(cfg, backbone_path, strategy, ctx)
+        strategy.after_task(ctx, split(tables[task], "train"), model, processor)
+        # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
+        upcoming = {k: tests[k] for k in tasks[: t + 2]}
+        results = evaluate_all(model, processor, strategy, ctx, upcoming, cfg.eval_batch_size)
+        for i, other in enumerate(upcoming):
+            R[t, i] = results[other].accuracy
+            predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
+        progress.update(bar, advance=1, description=f"{name}: {task} acc {R[t, t]:.1f}")
+
+    sizes = [len(tests[t]) for t in tasks]
+    metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": R.tolist(), "test_sizes": sizes,
+               "base_accuracy": base, **summarize(R, sizes, base)}
+    if not strategy.shared:
+        routed = [r for r in predictions if r["after_task"] == tasks[-1]]
+        metrics["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    plot_accuracy_matrix(R, tasks, out / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
+    write_table(pa.Table.from_pylist(predictions), out / "predictions.parquet")
+    write_text(out / "manifest.json", json.dumps(manifest(cfg, files, backbone_path, name), indent=2))
+    return metrics
+
+
+def prediction_rows(after: str, task: str, table: pa.Table, enc: Encoded, res: TaskResult) -> list[dict]:
+    """Per-sample predictions of one evaluation, for predictions.parquet."""
+    ids = split(table, "test")["id"].to_pylist()
+    return [
+        {"after_task": after, "task": task, "id": rid, "prediction": pred, "answer": ref,
+         "score": sc, "adapter": a, "scorer": res.scorer}
+        for rid, pred, ref, sc, a in zip(ids, res.predictions, enc.answers, res.scores, res.adapters)
+    ]
+
+
+def manifest(cfg: RunConfig, files: dict[str, Path], backbone_path: Path, strategy: str) -> dict:
+    """What reproduces this run: package versions, config and its hash, seed, data hashes."""
+    return {
+        "strategy": strategy,
+        "config": dataclasses.asdict(cfg),
+        "config_hash": cfg.hash(),
+        "seed": cfg.seed,
+        "python": py_platform.python_version(),
+        "versions": {p: metadata.version(p) for p in _VERSIONED},
+        "backbone": {"source": cfg.backbone.source, "path": str(backbone_path),
+                     "fingerprint": fingerprint(backbone_path)},
+        "data": {task: sha256(path) for task, path in files.items()},
+    }
+
+
+def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
+    """Run every strategy of `cfg` on the stream; print the matrices and the comparison."""
+    console = console or Console()
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with Progress(console=console, transient=False) as progress:
+        pre = progress.add_task("backbone", total=None)
+        backbone_path = resolve(cfg.backbone, lambda s, loss: progress.update(
+            pre, description=f"pretraining backbone: step {s}, loss {loss:.3f}"))
+        progress.update(pre, description=f"backbone ready: {backbone_path.name}", total=1, completed=1)
+        files = stream_files(cfg, out)
+        # Validate every dataset before any training: a bad one stops the run with nothing written.
+        tables = {task: load_dataset(path) for task, path in files.items()}
+        init_ray()
+        model, processor = load_backbone(cfg.backbone, backbone_path)
+        tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
+        zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
+        base = [zero_shot[t].accuracy for t in files]
+        results = {s: run_strategy(cfg, s, files, tables, tests, backbone_path, base, progress)
+                   for s in cfg.strategies}
+    for name, m in results.items():
+        console.print(matrix_table(m["accuracy_matrix"], m["tasks"], f"{name}: R[t][i] (%)"))
+    console.print(comparison_table(results))
+    write_text(out / "summary.json", json.dumps(results, indent=2))
+    console.print(f"results in {out}")
+    return results

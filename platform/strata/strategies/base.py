@@ -1,0 +1,78 @@
+"""The hook protocol every continual-learning strategy plugs into.
+
+Worker-side hooks run inside the training loop (on every Ray Train worker); driver-side hooks run
+in the process that orchestrates the stream. The optimizer step, DDP, AMP and reporting stay in
+the loop, never in a strategy. A strategy overrides only the hooks it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from strata.adapters.lora import add_adapter, load_adapter
+from strata.config import LoraSpec
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Where a task sits in the stream, and where the strategy keeps its state."""
+
+    index: int  # 0-based position in the stream
+    name: str
+    seen: tuple[str, ...]  # tasks learned before this one, in order
+    train_paths: dict[str, str]  # task -> Parquet path of its train rows, for every task so far
+    state_dir: str  # the strategy's own persistent directory
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Where the strategy's adapters live, one PEFT directory per adapter name."""
+        return Path(self.state_dir) / "adapters"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Base strategy: the defaults describe plain sequential fine-tuning of one shared adapter."""
+
+    lora: LoraSpec = LoraSpec()
+    name = "base"
+    shared = True  # one adapter evolves across tasks (False: one adapter per task)
+
+    # ---- driver side -----------------------------------------------------------------------
+    def training_table(self, ctx: TaskContext, current: pa.Table) -> pa.Table:
+        """The rows this task trains on (replay and multitask mix in earlier data)."""
+        return current
+
+    def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
+        """Update strategy state once the task's adapter is trained and saved."""
+
+    def adapter_name(self, ctx: TaskContext) -> str:
+        """The adapter this task trains (and that its checkpoint holds)."""
+        return "shared" if self.shared else ctx.name
+
+    def eval_adapters(self, ctx: TaskContext) -> list[str]:
+        """Adapter names to load for evaluation after task `ctx`."""
+        return ["shared"] if self.shared else [*ctx.seen, ctx.name]
+
+    def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
+        """Adapter name for each row of `enc` at inference (shared: always the one adapter)."""
+        return [self.adapter_name(ctx)] * len(enc)
+
+    # ---- worker side -----------------------------------------------------------------------
+    def before_task(self, backbone: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
+        """Wrap the frozen backbone with this task's trainable adapter."""
+        name = self.adapter_name(ctx)
+        previous = ctx.adapters_dir / name
+        if self.shared and (previous / "adapter_config.json").exists():
+            return load_adapter(backbone, previous, name, trainable=True)
+        return add_adapter(backbone, name, self.lora)
+
+    def loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:
+        """Extra loss terms (KD, EWC, ...) added to the task loss; None adds nothing."""
+        return None
+
+    def after_backward(self, model: torch.nn.Module, step: int) -> None:
+        """Edit gradients after backward and before clipping and the optimizer step (DGG)."""

@@ -1,0 +1,107 @@
+"""Decoupled per-task adapters: each task trains its own visual+text LoRA; a router picks one.
+
+The router is nearest-prototype over the frozen backbone's pooled image+text features, so adding
+a task never changes an earlier task's adapter; only routing mistakes can cost old tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from strata.backbone.features import pooled_features
+from strata.data.collate import encode_table
+from strata.strategies.base import Strategy, TaskContext
+
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclass(frozen=True)
+class Decoupled(Strategy):
+    """One named adapter per task; inference routes by task name or by prototype (`auto`)."""
+
+    routing: str = "auto"  # "auto" (prototype router) or "name" (the caller names the task)
+    prototype_rows: int = 256  # train rows whose features estimate a task's prototype
+    name = "decoupled"
+    shared = False
+
+    def __post_init__(self) -> None:
+        if self.routing not in ("auto", "name"):
+            raise ValueError(f"decoupled.routing must be 'auto' or 'name', got {self.routing!r}")
+
+    def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
+        """Add this task's prototype from a sample of its train rows."""
+        enc = encode_table(processor, train.slice(0, self.prototype_rows), with_answers=False)
+        router = PrototypeRouter.load(ctx.state_dir)
+        router.add(ctx.name, pooled_features(model, processor, enc))
+        router.save(ctx.state_dir)
+
+    def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
+        """Per-row adapter: the named task's own adapter, or the nearest prototype's."""
+        router = PrototypeRouter.load(ctx.state_dir)
+        if self.routing == "name" and task in router.names:
+            return [task] * len(enc)
+        return router.route(pooled_features(model, processor, enc))
+
+
+@dataclass
+class PrototypeRouter:
+    """Nearest task prototype under a shared within-task covariance (Mahalanobis distance).
+
+    Plain cosine to the mean is dominated by what every prompt shares (the chat template, the
+    white background); the pooled covariance down-weights those shared, noisy directions.
+    """
+
+    names: list[str] = field(default_factory=list)
+    means: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks, D)
+    scatter: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (D, D) within-task
+    count: int = 0
+    shrinkage: float = 0.1  # blend toward a scaled identity so the covariance stays invertible
+
+    def add(self, name: str, feats: torch.Tensor) -> None:
+        """Add (or replace the mean of) task `name` from its (N, D) features."""
+        mean = feats.mean(0)
+        centred = feats - mean
+        self.scatter = centred.T @ centred + (self.scatter if self.count else 0)
+        self.count += len(feats)
+        keep = [i for i, n in enumerate(self.names) if n != name]
+        self.means = torch.cat([self.means[keep], mean[None]]) if keep else mean[None]
+        self.names = [self.names[i] for i in keep] + [name]
+
+    def route(self, feats: torch.Tensor) -> list[str]:
+        """The nearest task's name for each (N, D) feature row."""
+        if not self.names:
+            raise RuntimeError("the router has no tasks yet")
+        d = feats.shape[1]
+        cov = self.scatter / max(self.count - 1, 1)
+        cov = (1 - self.shrinkage) * cov + self.shrinkage * cov.trace() / d * torch.eye(d)
+        precision = torch.linalg.inv(cov)
+        diff = feats[:, None, :] - self.means[None]  # (N, tasks, D)
+        dist = torch.einsum("ntd,de,nte->nt", diff, precision, diff)
+        return [self.names[i] for i in dist.argmin(1).tolist()]
+
+    @staticmethod
+    def load(state_dir: str) -> PrototypeRouter:
+        """The router saved in `state_dir`, or an empty one."""
+        path = Path(state_dir) / ROUTER_FILE
+        if not path.exists():
+            return PrototypeRouter()
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            return PrototypeRouter(json.loads(meta["tasks"]), f.get_tensor("means"),
+                                   f.get_tensor("scatter"), int(meta["count"]))
+
+    def save(self, state_dir: str) -> None:
+        """Write means, scatter and task names in one safetensors file, atomically."""
+        path = Path(state_dir) / ROUTER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{ROUTER_FILE}.tmp")
+        tensors = {"means": self.means.contiguous(), "scatter": self.scatter.contiguous()}
+        save_file(tensors, str(tmp), metadata={"tasks": json.dumps(self.names), "count": str(self.count)})
+        tmp.replace(path)

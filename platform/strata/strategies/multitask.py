@@ -1,0 +1,22 @@
+"""MultiTask: joint training on every task seen so far. The upper bound, not a continual method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from strata.data.schema import read_table
+from strata.strategies.base import Strategy, TaskContext
+
+
+@dataclass(frozen=True)
+class MultiTask(Strategy):
+    """Keeps training one shared adapter, each time on the union of all tasks' train rows."""
+
+    name = "multitask"
+
+    def training_table(self, ctx: TaskContext, current: pa.Table) -> pa.Table:
+        """All earlier tasks' train rows plus the current ones."""
+        earlier = [read_table(ctx.train_paths[t]) for t in ctx.seen]
+        return pa.concat_tables([*earlier, current])

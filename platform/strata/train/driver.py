@@ -1,0 +1,94 @@
+"""Ray Train wiring: one TorchTrainer per task, N CPU workers, DDP over gloo when N > 1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from strata.atomic import replace_dir
+from strata.backbone.load import load_backbone
+from strata.config import BackboneSpec, TrainConfig
+from strata.data.schema import read_table
+from strata.strategies.base import Strategy, TaskContext
+from strata.train.loop import train_task
+
+# Ray Train's defaults poll slowly; these cut a short fit's fixed cost from ~22 s to ~10 s.
+_FAST_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def init_ray(num_cpus: int | None = None, **kwargs) -> None:
+    """Join the cluster in RAY_ADDRESS if set (a Ray job), else start a local one."""
+    for key, value in _FAST_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+
+
+@dataclass(frozen=True)
+class TaskJob:
+    """Everything a worker needs to train one task; travels to the workers by pickle."""
+
+    strategy: Strategy
+    ctx: TaskContext
+    rows_path: str  # Parquet of the rows to train on (already mixed by the strategy)
+    train: TrainConfig
+    backbone: BackboneSpec
+    backbone_path: str
+    threads_per_worker: int
+
+
+def _worker(config: dict) -> None:
+    """Ray Train entry point: load the frozen backbone, then run the plain training loop."""
+    job: TaskJob = config["job"]
+    torch.set_num_threads(job.threads_per_worker)
+    backbone, processor = load_backbone(job.backbone, Path(job.backbone_path))
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
+
+    train_task(backbone, processor, job.strategy, job.ctx, read_table(job.rows_path), job.train, report)
+
+
+def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
+    """Train one task on Ray Train and install its adapter into the strategy's state dir."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // job.train.num_workers)
+    job = TaskJob(**{**job.__dict__, "threads_per_worker": cpus})
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=job.train.num_workers, use_gpu=False, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(name=run_name, storage_path=storage_path),
+        torch_config=TorchConfig(backend="gloo"),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training {job.ctx.name!r} with {job.strategy.name!r} failed") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {job.ctx.name!r} reported no adapter checkpoint")
+    dest = job.ctx.adapters_dir / job.strategy.adapter_name(job.ctx)
+    with result.checkpoint.as_directory() as ckpt:
+        install(Path(ckpt), dest)
+    return dict(result.metrics or {})
+
+
+def install(src: Path, dest: Path) -> None:
+    """Copy a finished adapter directory into place atomically (copy aside, then rename)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.incoming")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, dest)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the small test backbone (pretrained once per session) and a local Ray."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from strata.config import BackboneSpec
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+@pytest.fixture(scope="session")
+def backbone_dir() -> Path:
+    """The builtin:test backbone, built and pretrained on first use (under a minute), then cached."""
+    from strata.backbone.tiny import ensure_builtin
+
+    return ensure_builtin("builtin:test")
+
+
+@pytest.fixture(scope="session")
+def test_spec(backbone_dir: Path) -> BackboneSpec:
+    """A spec that loads the test backbone from its local directory, as a user's model would."""
+    return BackboneSpec(str(backbone_dir))
+
+
+@pytest.fixture()
+def backbone(test_spec: BackboneSpec, backbone_dir: Path):
+    """A fresh frozen (model, processor) pair."""
+    from strata.backbone.load import load_backbone
+
+    return load_backbone(test_spec, backbone_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray per test module, in a fresh temp dir so no stale cluster file is joined."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)
+    yield ray
+    ray.shutdown()
