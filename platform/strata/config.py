@@ -18,7 +18,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(name: str, what: str) -> str:
     """Refuse names that could escape a directory when they become a path component."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise ValueError(f"invalid {what} {name!r}: use 1-64 of [A-Za-z0-9_.-], not starting with . or -")
     return name
 
@@ -68,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
     num_workers: int = 1  # Ray Train workers; DDP over gloo when > 1
+    cpus_per_worker: int | None = None  # None: the cluster's CPUs split evenly across workers
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must divide evenly across "
                 f"train.num_workers ({self.num_workers})"
             )
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
+            raise ValueError(f"train.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
 
@@ -100,6 +103,8 @@ class RunConfig:
     n_val: int = 100
     n_test: int = 500
     eval_batch_size: int = 256
+    concurrent_strategies: int = 1  # strategies learning their streams at the same time
+
 
     def __post_init__(self) -> None:
         from strata.strategies import STRATEGIES  # late: strategies import this module
@@ -109,6 +114,8 @@ class RunConfig:
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ValueError(f"unknown strategy {s!r}; known: {sorted(STRATEGIES)}")
+        if self.concurrent_strategies < 1:
+            raise ValueError(f"concurrent_strategies must be >= 1, got {self.concurrent_strategies}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
 
@@ -130,8 +137,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     for key, value in data.items():
         default = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
         nested = type(default()) if default is not None and dataclasses.is_dataclass(default()) else None
-        if nested is not None and isinstance(value, dict):
-            kwargs[key] = from_dict(nested, value, f"{where}.{key}")
+        if nested is not None and (isinstance(value, dict) or value is None):
+            kwargs[key] = from_dict(nested, value or {}, f"{where}.{key}")  # `train:` alone = defaults
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
         else:

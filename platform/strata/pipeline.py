@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform as py_platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
         rows_path = state_dir / "rows.parquet"
         write_table(strategy.training_table(ctx, split(tables[task], "train")), rows_path)
         job = TaskJob(strategy, ctx, str(rows_path), cfg.train, cfg.backbone, str(backbone_path), 1)
-        fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}")
+        fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}", cfg.concurrent_strategies)
         model, processor = eval_model(cfg, backbone_path, strategy, ctx)
         strategy.after_task(ctx, split(tables[task], "train"), model, processor)
         # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
@@ -168,8 +169,12 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
         tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
         zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
         base = [zero_shot[t].accuracy for t in files]
-        results = {s: run_strategy(cfg, s, files, tables, tests, backbone_path, base, progress)
-                   for s in cfg.strategies}
+        # Strategies are independent streams; running a few at once overlaps Ray Train's fixed
+        # per-task start-up with another strategy's compute.
+        with ThreadPoolExecutor(max_workers=cfg.concurrent_strategies) as pool:
+            futures = {s: pool.submit(run_strategy, cfg, s, files, tables, tests, backbone_path, base, progress)
+                       for s in cfg.strategies}
+            results = {s: f.result() for s, f in futures.items()}
     for name, m in results.items():
         console.print(matrix_table(m["accuracy_matrix"], m["tasks"], f"{name}: R[t][i] (%)"))
     console.print(comparison_table(results))

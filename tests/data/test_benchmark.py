@@ -186,11 +186,13 @@ def test_write_benchmark_skips_matching_files(tmp_path: Path) -> None:
 def test_pretraining_corpus_and_vocabulary(tables: dict[str, pa.Table]) -> None:
     corpus = pretraining_corpus(seed=0, n=30)
     assert corpus == pretraining_corpus(seed=0, n=30)
-    assert all(Image.open(io.BytesIO(png)).size == (48, 48) for png, _ in corpus)
-    assert {text.count(" at ") for _, text in corpus} <= {1, 2, 3, 4}
+    assert all(Image.open(io.BytesIO(png)).size == (48, 48) for png, _, _ in corpus)
+    captions = [text for _, prompt, text in corpus if prompt == "Describe the image."]
+    assert {text.count(" at ") for text in captions} <= {1, 2, 3, 4}
+    assert any(text.startswith("yes, ") for _, _, text in corpus)
     words = {w for text in vocabulary_text() for w in re.findall(r"\w+|[^\w\s]", text)}
     used = [r["prompt"] + " " + r["answer"] for t in tables.values() for r in rows(t)]
-    used += [text for _, text in corpus]
+    used += [prompt + " " + text for _, prompt, text in corpus]
     for text in used:
         assert set(re.findall(r"\w+|[^\w\s]", text)) <= words, text
 

@@ -25,9 +25,9 @@ _VISUAL_MODULES = r".*(vision_tower|multi_modal_projector)\..*"
 def used_vision_layers(config) -> int:
     """How many vision-tower layers feed the LM; LLaVA reads layer -2, so the last one is dead."""
     n = config.vision_config.num_hidden_layers
-    layer = config.vision_feature_layer
-    layer = max(layer) if isinstance(layer, (list, tuple)) else layer
-    return n + 1 + layer if layer < 0 else layer
+    layers = config.vision_feature_layer
+    layers = layers if isinstance(layers, (list, tuple)) else [layers]
+    return max(n + 1 + layer if layer < 0 else layer for layer in layers)
 
 
 def visual_targets(config) -> str:

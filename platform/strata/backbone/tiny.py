@@ -37,8 +37,7 @@ from strata.data import benchmark
 from strata.data.collate import collate, encode_table
 from strata.data.template import EOS, IMAGE_TOKEN
 
-RECIPE_VERSION = "2"  # bump when the code below changes what a recipe produces
-PRETRAIN_PROMPT = "Describe the image."
+RECIPE_VERSION = "3"  # bump when the code below changes what a recipe produces
 SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
 
 
@@ -149,9 +148,9 @@ def pretrain(
     """Full-parameter caption pretraining; returns the final smoothed loss."""
     corpus = benchmark.pretraining_corpus(recipe.seed, recipe.corpus_size, recipe.image_size)
     table = pa.table({
-        "image": [img for img, _ in corpus],
-        "prompt": [PRETRAIN_PROMPT] * len(corpus),
-        "answer": [cap for _, cap in corpus],
+        "image": [img for img, _, _ in corpus],
+        "prompt": [prompt for _, prompt, _ in corpus],
+        "answer": [answer for _, _, answer in corpus],
     })
     enc = encode_table(processor, table, with_answers=True)
     pad = processor.tokenizer.pad_token_id

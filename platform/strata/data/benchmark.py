@@ -242,13 +242,45 @@ def write_benchmark(
     return paths
 
 
-def pretraining_corpus(seed: int, n: int, image_size: int = 48) -> list[tuple[bytes, str]]:
-    """`n` (PNG bytes, caption) pairs of default-domain scenes with 1-4 objects."""
+DESCRIBE = "Describe the image."
+ANY_SHAPES = "Are there shapes in the picture?"
+
+
+def relation(a: Obj, b: Obj) -> str:
+    """Where `a` is relative to `b`: left/right when their columns differ, else above/below."""
+    if a.col != b.col:
+        return "left" if a.col < b.col else "right"
+    return "above" if a.row < b.row else "below"
+
+
+def rich_caption(scene: Scene) -> str:
+    """A pretraining caption: object count, every object, and one spatial relation.
+
+    Counting digits and relation words appear here so that the backbone knows every answer
+    word; the instruction *formats* of the stream's tasks never appear in pretraining.
+    """
+    n = len(scene.objects)
+    text = f"{n} object{'s' if n > 1 else ''}: {caption(scene)}"
+    if n > 1:
+        a, b = sorted(scene.objects, key=lambda o: (o.row, o.col))[:2]
+        text += f" the {a.colour} {a.shape} is {relation(a, b)} of the {b.colour} {b.shape}."
+    return text
+
+
+def pretraining_corpus(seed: int, n: int, image_size: int = 48) -> list[tuple[bytes, str, str]]:
+    """`n` (PNG bytes, prompt, answer) rows of default-domain scenes with 1-4 objects.
+
+    Most rows are captioning; a few ask a generic question, so "yes" is a word the LM knows.
+    """
     rng = random.Random(f"pretrain:{seed}")
     corpus = []
     for _ in range(n):
         scene = random_scene(rng, rng.randint(1, 4))
-        corpus.append((png_bytes(draw(scene, rng, image_size)), caption(scene)))
+        png = png_bytes(draw(scene, rng, image_size))
+        if rng.random() < 0.15:
+            corpus.append((png, ANY_SHAPES, f"yes, {len(scene.objects)}."))
+        else:
+            corpus.append((png, DESCRIBE, rich_caption(scene)))
     return corpus
 
 
@@ -272,5 +304,6 @@ def vocabulary_text() -> list[str]:
         caption(Scene((Obj(c, s, size, *divmod(j % 9, 3)),)))
         for j, (c, s, size) in enumerate(combos)
     ]
-    texts.append(caption(Scene(tuple(Obj(*combos[j * 7], *divmod(j, 3)) for j in range(4)))))
+    texts.append(rich_caption(Scene(tuple(Obj(*combos[j * 7], *divmod(j, 3)) for j in range(4)))))
+    texts += [DESCRIBE, ANY_SHAPES, "yes, 3."]
     return texts

@@ -20,6 +20,7 @@ from strata.data.collate import encode_table
 from strata.strategies.base import Strategy, TaskContext
 
 ROUTER_FILE = "router.safetensors"
+SHRINKAGE = 0.1  # blend of the covariance toward a scaled identity, so it stays invertible
 
 
 @dataclass(frozen=True)
@@ -60,30 +61,30 @@ class PrototypeRouter:
 
     names: list[str] = field(default_factory=list)
     means: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks, D)
-    scatter: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (D, D) within-task
-    count: int = 0
-    shrinkage: float = 0.1  # blend toward a scaled identity so the covariance stays invertible
+    scatters: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks, D, D)
+    counts: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks,)
 
     def add(self, name: str, feats: torch.Tensor) -> None:
-        """Add (or replace the mean of) task `name` from its (N, D) features."""
+        """Add task `name` from its (N, D) features, replacing any earlier entry of that name."""
         mean = feats.mean(0)
         centred = feats - mean
-        self.scatter = centred.T @ centred + (self.scatter if self.count else 0)
-        self.count += len(feats)
         keep = [i for i, n in enumerate(self.names) if n != name]
-        self.means = torch.cat([self.means[keep], mean[None]]) if keep else mean[None]
         self.names = [self.names[i] for i in keep] + [name]
+        self.means = torch.cat([self.means[keep], mean[None]]) if keep else mean[None]
+        scatter = (centred.T @ centred)[None]
+        self.scatters = torch.cat([self.scatters[keep], scatter]) if keep else scatter
+        count = torch.tensor([float(len(feats))])
+        self.counts = torch.cat([self.counts[keep], count]) if keep else count
 
     def route(self, feats: torch.Tensor) -> list[str]:
         """The nearest task's name for each (N, D) feature row."""
         if not self.names:
             raise RuntimeError("the router has no tasks yet")
         d = feats.shape[1]
-        cov = self.scatter / max(self.count - 1, 1)
-        cov = (1 - self.shrinkage) * cov + self.shrinkage * cov.trace() / d * torch.eye(d)
-        precision = torch.linalg.inv(cov)
+        cov = self.scatters.sum(0) / max(float(self.counts.sum()) - len(self.names), 1.0)
+        cov = (1 - SHRINKAGE) * cov + SHRINKAGE * cov.trace() / d * torch.eye(d)
         diff = feats[:, None, :] - self.means[None]  # (N, tasks, D)
-        dist = torch.einsum("ntd,de,nte->nt", diff, precision, diff)
+        dist = torch.einsum("ntd,de,nte->nt", diff, torch.linalg.inv(cov), diff)
         return [self.names[i] for i in dist.argmin(1).tolist()]
 
     @staticmethod
@@ -93,15 +94,15 @@ class PrototypeRouter:
         if not path.exists():
             return PrototypeRouter()
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            return PrototypeRouter(json.loads(meta["tasks"]), f.get_tensor("means"),
-                                   f.get_tensor("scatter"), int(meta["count"]))
+            names = json.loads(f.metadata()["tasks"])
+            return PrototypeRouter(names, *(f.get_tensor(k) for k in ("means", "scatters", "counts")))
 
     def save(self, state_dir: str) -> None:
-        """Write means, scatter and task names in one safetensors file, atomically."""
+        """Write the router's tensors with task names in the metadata, atomically."""
         path = Path(state_dir) / ROUTER_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{ROUTER_FILE}.tmp")
-        tensors = {"means": self.means.contiguous(), "scatter": self.scatter.contiguous()}
-        save_file(tensors, str(tmp), metadata={"tasks": json.dumps(self.names), "count": str(self.count)})
+        tensors = {"means": self.means, "scatters": self.scatters, "counts": self.counts}
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"tasks": json.dumps(self.names)})
         tmp.replace(path)

@@ -31,7 +31,7 @@ def step_indices(n_rows: int, cfg: TrainConfig, task_index: int) -> list[list[in
     order: list[int] = []
     batches = []
     for _ in range(cfg.steps):
-        if len(order) < cfg.batch_size:
+        while len(order) < cfg.batch_size:  # tasks smaller than a batch repeat rows
             epoch = list(range(n_rows))
             rng.shuffle(epoch)
             order += epoch

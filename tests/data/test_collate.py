@@ -1,0 +1,129 @@
+"""Collate: the one chat template, loss on answer tokens only, left padding for generation."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from strata.backbone.load import load_backbone
+from strata.data.benchmark import generate_task
+from strata.data.collate import IGNORE, collate, decode_image, encode_table
+from strata.data.template import EOS, render_answer, render_prompt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def loaded(test_spec, backbone_dir):
+    return load_backbone(test_spec, backbone_dir)
+
+
+@pytest.fixture(scope="module")
+def table() -> pa.Table:
+    # Different prompts and answers of different lengths, so padding is exercised.
+    tasks = ("colour", "relation", "count")
+    parts = [generate_task(t, 0, n_train=2, n_val=0, n_test=0) for t in tasks]
+    return pa.concat_tables(parts)
+
+
+@pytest.fixture(scope="module")
+def encoded(loaded, table):
+    return encode_table(loaded[1], table, with_answers=True)
+
+
+def test_labels_cover_answer_tokens_only(loaded, table, encoded) -> None:
+    tok = loaded[1].tokenizer
+    for i, row in enumerate(table.to_pylist()):
+        ids, labels, n_prompt = encoded.input_ids[i], encoded.labels[i], encoded.prompt_lengths[i]
+        answer_ids = tok(render_answer(row["answer"]), add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(labels) == n_prompt + len(answer_ids)
+        assert labels[:n_prompt] == [IGNORE] * n_prompt
+        assert labels[n_prompt:] == answer_ids == ids[n_prompt:]
+        assert IGNORE not in answer_ids
+        assert answer_ids[-1] == tok.eos_token_id
+        assert tok.decode(answer_ids) == f" {row['answer']}{EOS}"
+        assert encoded.answers[i] == row["answer"]
+
+
+def test_prompt_is_the_shared_template(loaded, table, encoded) -> None:
+    processor = loaded[1]
+    for i, row in enumerate(table.to_pylist()):
+        alone = processor(text=[render_prompt(row["prompt"], has_image=True)],
+                          images=[decode_image(row["image"])], return_tensors="pt")
+        assert encoded.input_ids[i][: encoded.prompt_lengths[i]] == alone["input_ids"][0].tolist()
+        text = processor.tokenizer.decode(encoded.input_ids[i][: encoded.prompt_lengths[i]])
+        assert text.startswith("USER: <image>") and text.endswith(f"{row['prompt']} ASSISTANT:")
+
+
+def test_without_answers_only_prompt(loaded, table, encoded) -> None:
+    bare = encode_table(loaded[1], table, with_answers=False)
+    assert bare.input_ids == [ids[:n] for ids, n in zip(encoded.input_ids, encoded.prompt_lengths)]
+    assert all(set(lab) == {IGNORE} for lab in bare.labels)
+    assert bare.answers == table["answer"].to_pylist()  # kept for scoring
+
+
+def test_image_tokens_match_image_seq_length(loaded, encoded) -> None:
+    model, processor = loaded
+    image_id = model.config.image_token_index
+    assert image_id == processor.tokenizer.convert_tokens_to_ids("<image>")
+    for ids in encoded.input_ids:
+        assert ids.count(image_id) == model.config.image_seq_length == 36
+    size = processor.image_processor.crop_size["height"]
+    assert encoded.pixel_values.shape == (len(encoded), 3, size, size)
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_padding_and_attention_mask(loaded, encoded, left_pad: bool) -> None:
+    pad = loaded[1].tokenizer.pad_token_id
+    batch = collate(encoded, pad, left_pad=left_pad)
+    lengths = [len(x) for x in encoded.input_ids]
+    assert len(set(lengths)) > 1  # otherwise padding is not exercised
+    width = max(lengths)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape == (len(encoded), width)
+    for i, n in enumerate(lengths):
+        row, mask, labels = batch["input_ids"][i], batch["attention_mask"][i], batch["labels"][i]
+        real = slice(width - n, width) if left_pad else slice(0, n)
+        pads = slice(0, width - n) if left_pad else slice(n, width)
+        assert row[real].tolist() == encoded.input_ids[i]
+        assert labels[real].tolist() == encoded.labels[i]
+        assert torch.all(row[pads] == pad) and torch.all(labels[pads] == IGNORE)
+        assert torch.all(mask[real] == 1) and torch.all(mask[pads] == 0)
+        assert int(mask.sum()) == n
+    assert torch.equal(batch["pixel_values"], encoded.pixel_values)
+
+
+def test_model_loss_counts_answer_tokens_only(loaded, encoded) -> None:
+    model, processor = loaded
+    batch = collate(encoded.select([0, 2]), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = model(**batch)
+    # Recompute CE by hand over the answer positions only (next-token shift).
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    manual = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(out.loss, manual)
+    n_answer = sum(len(encoded.input_ids[i]) - encoded.prompt_lengths[i] for i in (0, 2))
+    assert int(keep.sum()) == n_answer
+
+
+def test_select_keeps_rows_aligned(encoded) -> None:
+    sub = encoded.select([2, 0])
+    assert sub.input_ids == [encoded.input_ids[2], encoded.input_ids[0]]
+    assert sub.answers == [encoded.answers[2], encoded.answers[0]]
+    assert torch.equal(sub.pixel_values[0], encoded.pixel_values[2])
+
+
+def test_text_only_rows_are_refused_clearly(loaded, table) -> None:
+    no_image = table.set_column(table.schema.get_field_index("image"), "image",
+                                pa.array([None] * table.num_rows, pa.binary()))
+    with pytest.raises(ValueError, match="text-only rows"):
+        encode_table(loaded[1], no_image, with_answers=True)

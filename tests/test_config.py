@@ -1,0 +1,164 @@
+"""Configs: from_dict fills nested dataclasses; unknown keys and bad values fail clearly."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from strata.config import (
+    BackboneSpec,
+    LoraSpec,
+    RunConfig,
+    TrainConfig,
+    check_name,
+    from_dict,
+)
+
+
+def test_from_dict_fills_nested_dataclasses_and_turns_lists_into_tuples(tmp_path: Path) -> None:
+    raw = {
+        "strategies": ["seqlora", "replay"],
+        "tasks": 2,
+        "backbone": {"source": str(tmp_path)},
+        "lora": {"visual_rank": 0, "text_rank": 4},
+        "train": {"steps": 5, "batch_size": 6, "num_workers": 3},
+    }
+    cfg = from_dict(RunConfig, raw, "run config")
+    assert cfg.strategies == ("seqlora", "replay")
+    assert isinstance(cfg.strategies, tuple)
+    assert cfg.backbone == BackboneSpec(str(tmp_path))
+    assert cfg.lora == LoraSpec(visual_rank=0, text_rank=4)
+    assert cfg.train == TrainConfig(steps=5, batch_size=6, num_workers=3)
+    # Fields not given keep their defaults, nested ones included.
+    assert cfg.train.lr == TrainConfig().lr
+    assert cfg.replay_per_task == RunConfig().replay_per_task
+
+
+def test_from_dict_empty_mapping_is_the_default() -> None:
+    assert from_dict(RunConfig, {}) == RunConfig()
+
+
+def test_unknown_top_level_key_is_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in run config: stratgies") as e:
+        from_dict(RunConfig, {"stratgies": ["seqlora"]}, "run config")
+    assert "strategies" in str(e.value)  # the known keys are listed to help fix the typo
+
+
+def test_unknown_nested_key_names_key_and_where() -> None:
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in run config\.train: stepz"):
+        from_dict(RunConfig, {"train": {"stepz": 3}}, "run config")
+    with pytest.raises(ValueError, match=r"in run config\.lora: rank"):
+        from_dict(RunConfig, {"lora": {"rank": 3}}, "run config")
+
+
+def test_from_dict_refuses_a_non_mapping() -> None:
+    with pytest.raises(ValueError, match=r"run config\.train must be a mapping, got list"):
+        from_dict(TrainConfig, [1, 2], "run config.train")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"source": "builtin:huge"}, r"unknown built-in backbone 'builtin:huge'; known:"),
+        (
+            {"source": "/no/such/model/dir"},
+            r"'/no/such/model/dir' is neither builtin:\* nor a local directory",
+        ),
+        ({"quantization": "3bit"}, r"quantization must be None, '4bit' or '8bit', got '3bit'"),
+    ],
+)
+def test_backbone_spec_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BackboneSpec(**kwargs)
+
+
+def test_backbone_spec_accepts_builtin_and_local_dir(tmp_path: Path) -> None:
+    assert BackboneSpec("builtin:test").source == "builtin:test"
+    assert BackboneSpec(str(tmp_path), quantization="4bit").quantization == "4bit"
+
+
+def test_lora_spec_refuses_both_ranks_zero() -> None:
+    with pytest.raises(ValueError, match=r"not both 0 \(visual_rank=0, text_rank=0\)"):
+        LoraSpec(visual_rank=0, text_rank=0)
+    with pytest.raises(ValueError, match=r"ranks must be >= 0"):
+        LoraSpec(visual_rank=-1, text_rank=8)
+    with pytest.raises(ValueError, match=r"lora dropout must be in \[0, 1\), got 1.0"):
+        LoraSpec(dropout=1.0)
+    assert LoraSpec(visual_rank=0, text_rank=4).visual_rank == 0
+
+
+def test_train_config_batch_must_divide_across_workers() -> None:
+    message = r"train.batch_size \(10\) must divide evenly across train.num_workers \(3\)"
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(batch_size=10, num_workers=3)
+    assert TrainConfig(batch_size=9, num_workers=3).num_workers == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": 0}, r"train.steps must be >= 1, got 0"),
+        ({"num_workers": 0}, r"train.num_workers must be >= 1, got 0"),
+        ({"lr": 0.0}, r"train.lr must be > 0, got 0.0"),
+    ],
+)
+def test_train_config_other_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_run_config_unknown_strategy_is_named() -> None:
+    known = r"known: \['decoupled', 'multitask'"
+    with pytest.raises(ValueError, match=rf"unknown strategy 'ewc2'; {known}"):
+        RunConfig(strategies=("seqlora", "ewc2"))
+    with pytest.raises(ValueError, match="at least one strategy"):
+        RunConfig(strategies=())
+    with pytest.raises(ValueError, match="tasks must be >= 1, got 0"):
+        RunConfig(tasks=0)
+
+
+def test_unknown_strategy_via_from_dict_is_named() -> None:
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        from_dict(RunConfig, {"strategies": ["nope"]}, "run config")
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "a/b", "", ".hidden", "..", "-flag", "a..b", "x" * 65, "a b", "a\\b"]
+)
+def test_check_name_refuses_unsafe_names(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid task name"):
+        check_name(bad, "task name")
+
+
+@pytest.mark.parametrize("good", ["colour_v2", "a", "Task-3.1", "x" * 64])
+def test_check_name_accepts_plain_names(good: str) -> None:
+    assert check_name(good, "task name") == good
+
+
+def test_check_name_refuses_trailing_newline() -> None:
+    with pytest.raises(ValueError):
+        check_name("colour\n", "task name")
+
+
+def test_check_name_refuses_non_strings() -> None:
+    with pytest.raises(ValueError):
+        check_name(None, "adapter name")  # type: ignore[arg-type]
+
+
+def test_run_config_hash_is_stable_and_tracks_every_field() -> None:
+    a = RunConfig()
+    assert a.hash() == RunConfig().hash()
+    assert len(a.hash()) == 16 and int(a.hash(), 16) >= 0
+    assert a.hash() == from_dict(RunConfig, {"strategies": list(a.strategies)}).hash()
+    changed = [
+        dataclasses.replace(a, seed=1),
+        dataclasses.replace(a, strategies=("seqlora",)),
+        dataclasses.replace(a, train=TrainConfig(steps=7)),
+        dataclasses.replace(a, lora=LoraSpec(visual_rank=4)),
+        dataclasses.replace(a, backbone=BackboneSpec("builtin:test")),
+    ]
+    hashes = {c.hash() for c in changed}
+    assert a.hash() not in hashes
+    assert len(hashes) == len(changed)

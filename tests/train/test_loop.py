@@ -1,0 +1,208 @@
+"""The training loop, run in-process (no Ray): it learns, reports the adapter, and never writes
+anything but the current task's adapter (the backbone and earlier adapters stay bit-identical)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from strata.backbone.load import load_backbone
+from strata.config import LoraSpec, RunConfig, TrainConfig
+from strata.data.benchmark import generate_task
+from strata.strategies import make_strategy
+from strata.strategies.base import Strategy, TaskContext
+from strata.train.driver import install
+from strata.train.loop import step_indices, train_task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LORA = LoraSpec(visual_rank=4, text_rank=4)
+
+
+def train_rows(task: str) -> pa.Table:
+    table = generate_task(task, 0, n_train=64, n_val=8, n_test=8)
+    return table.filter(pc.equal(table["split"], "train"))
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, pa.Table]:
+    return {t: train_rows(t) for t in ("colour", "shape")}
+
+
+class Collector:
+    """A reporter that keeps every report and copies (or installs) each checkpoint it is given:
+    the loop hands over a temporary directory that is gone once the report returns."""
+
+    def __init__(self, keep: Path, install_to: Path | None = None) -> None:
+        self.reports: list[tuple[dict, Path | None]] = []
+        self.keep, self.install_to = keep, install_to
+
+    def __call__(self, metrics: dict, ckpt: Path | None) -> None:
+        saved = None
+        if ckpt is not None:
+            saved = self.keep / f"report{len(self.reports)}"
+            shutil.copytree(ckpt, saved)
+            if self.install_to is not None:
+                install(ckpt, self.install_to)
+        self.reports.append((dict(metrics), saved))
+
+
+def strategy(name: str) -> Strategy:
+    return make_strategy(name, RunConfig(strategies=(name,), lora=LORA))
+
+
+def ctx(index: int, name: str, state: Path, seen: tuple[str, ...] = ()) -> TaskContext:
+    return TaskContext(index, name, seen, {}, str(state))
+
+
+# ---- step_indices ------------------------------------------------------------------------------
+
+def test_step_indices_deterministic_and_sized() -> None:
+    cfg = TrainConfig(steps=25, batch_size=8, seed=3)
+    batches = step_indices(20, cfg, task_index=1)
+    assert batches == step_indices(20, cfg, task_index=1)
+    assert len(batches) == 25
+    assert all(len(b) == 8 for b in batches)
+    assert all(0 <= i < 20 for b in batches for i in b)
+    assert all(len(set(b)) == len(b) for b in batches[:2])  # the first epoch has no repeats
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:20]) == list(range(20))  # every row once per epoch
+    assert batches != step_indices(20, cfg, task_index=2)
+    assert batches != step_indices(20, TrainConfig(steps=25, batch_size=8, seed=4), task_index=1)
+
+
+def test_step_indices_full_batches_when_rows_fewer_than_batch() -> None:
+    batches = step_indices(3, TrainConfig(steps=4, batch_size=8, num_workers=2), task_index=0)
+    assert all(len(b) == 8 for b in batches)
+
+
+# ---- train_task --------------------------------------------------------------------------------
+
+def test_loss_decreases_and_final_report_holds_the_adapter(backbone, rows, tmp_path: Path) -> None:
+    model, processor = backbone
+    report = Collector(tmp_path / "kept")
+    cfg = TrainConfig(steps=30, batch_size=8, lr=3e-3)
+    final = train_task(model, processor, strategy("seqlora"), ctx(0, "colour", tmp_path / "state"),
+                       rows["colour"], cfg, report, log_every=5)
+    metrics = [m for m, _ in report.reports]
+    assert [m["step"] for m in metrics] == [5, 10, 15, 20, 25, 30]
+    assert all(m["task"] == "colour" for m in metrics)
+    assert metrics[-1]["loss"] < 0.5 * metrics[0]["loss"], [m["loss"] for m in metrics]
+    assert final == metrics[-1]
+    assert final["trainable_params"] > 0 and 0 < final["trainable_pct"] < 100
+    # Only the final report carries a checkpoint: the adapter in PEFT's format.
+    assert [c is None for _, c in report.reports] == [True] * 5 + [False]
+    ckpt = report.reports[-1][1]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    weights = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # it trained
+    assert not any("lora_" not in k for k in weights)  # adapter only, never backbone weights
+
+
+def test_training_is_reproducible(test_spec, backbone_dir, rows, tmp_path: Path) -> None:
+    cfg = TrainConfig(steps=2, batch_size=2)
+    digests = []
+    for run in range(2):
+        model, processor = load_backbone(test_spec, backbone_dir)
+        report = Collector(tmp_path / f"run{run}")
+        c = ctx(0, "colour", tmp_path)
+        train_task(model, processor, strategy("seqlora"), c, rows["colour"], cfg, report)
+        digests.append(load_file(str(report.reports[-1][1] / "adapter_model.safetensors")))
+    assert digests[0].keys() == digests[1].keys()
+    assert all(torch.equal(digests[0][k], digests[1][k]) for k in digests[0])
+
+
+class NoAdapter(Strategy):
+    name = "no-adapter"
+
+    def before_task(self, backbone, ctx):
+        return backbone
+
+
+def test_strategy_without_trainable_params_is_refused(backbone, rows, tmp_path: Path) -> None:
+    model, processor = backbone
+    with pytest.raises(RuntimeError, match="no trainable parameters"):
+        train_task(model, processor, NoAdapter(), ctx(0, "colour", tmp_path), rows["colour"],
+                   TrainConfig(steps=1, batch_size=2), Collector(tmp_path))
+
+
+# ---- isolation: the key property of the decoupled strategy -------------------------------------
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The backbone's own tensors, under their original names even after PEFT wrapped its layers."""
+    state = model.state_dict()
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    changed = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert changed == []
+
+
+def test_decoupled_task2_never_changes_task1_adapter_or_backbone(
+    test_spec, backbone_dir, rows, tmp_path: Path
+) -> None:
+    decoupled = strategy("decoupled")
+    state = tmp_path / "state"
+    on_disk = file_hashes(backbone_dir)
+    cfg = TrainConfig(steps=8, batch_size=4, lr=5e-3)
+
+    # Task 1, trained and installed as the driver does.
+    first_backbone, processor = load_backbone(test_spec, backbone_dir)
+    original = {k: v.clone() for k, v in first_backbone.state_dict().items()}
+    c1 = ctx(0, "colour", state)
+    task1_dir = c1.adapters_dir / "colour"
+    train_task(first_backbone, processor, decoupled, c1, rows["colour"], cfg,
+               Collector(tmp_path / "r1", install_to=task1_dir))
+    assert (task1_dir / "adapter_config.json").exists()
+    task1_files = file_hashes(task1_dir)
+    task1_weights = load_file(str(task1_dir / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in task1_weights.items())
+    assert_same_tensors(backbone_tensors(first_backbone), original)
+    task1_in_memory = {k: v.clone() for k, v in first_backbone.state_dict().items() if "lora_" in k}
+    assert task1_in_memory
+
+    c2 = ctx(1, "shape", state, seen=("colour",))
+    # Task 2 on a freshly loaded backbone, as a Ray worker would.
+    fresh, processor2 = load_backbone(test_spec, backbone_dir)
+    train_task(fresh, processor2, decoupled, c2, rows["shape"], cfg,
+               Collector(tmp_path / "r2", install_to=c2.adapters_dir / "shape"))
+    assert file_hashes(task1_dir) == task1_files
+    assert_same_tensors(backbone_tensors(fresh), original)
+    assert not any(".colour." in k for k in fresh.state_dict())  # task 1 was never loaded here
+
+    # Task 2 again, on the same in-memory object that trained task 1.
+    train_task(first_backbone, processor, decoupled, c2, rows["shape"], cfg,
+               Collector(tmp_path / "r3", install_to=c2.adapters_dir / "shape"))
+    assert file_hashes(task1_dir) == task1_files
+    assert_same_tensors(backbone_tensors(first_backbone), original)
+    now = first_backbone.state_dict()
+    # Task 1's LoRA weights, still in this model, were not touched either.
+    assert all(torch.equal(now[k], v) for k, v in task1_in_memory.items())
+    assert any(".shape." in k for k in now)  # and task 2 really trained next to it
+
+    assert sorted(p.name for p in c1.adapters_dir.iterdir()) == ["colour", "shape"]
+    shape_weights = load_file(str(c2.adapters_dir / "shape" / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in shape_weights.items())
+    assert file_hashes(backbone_dir) == on_disk  # the backbone is never written
