@@ -1,10 +1,10 @@
-"""Training cost of LoRA adapters vs full fine-tuning, side by side on one randomly initialised backbone.
+"""Training cost of LoRA adapters vs full fine-tuning, side by side on one random-init backbone.
 
     .venv/bin/python benchmarks/train_cost.py --width 512 --steps 8 --warmup 1
 
 Variants (all AdamW, identical weights at start, identical batches):
   full_ft                  every parameter trainable.
-  lora_all                 PEFT LoRA r16 on the vision tower, projector and LM (strata's lora_config).
+  lora_all                 PEFT LoRA r16 on vision tower, projector and LM (strata's lora_config).
   lora_text                LoRA r16 on the LM only, plain forward: the reference for the next row.
   lora_text_cached_vision  LoRA r16 on the LM only; the frozen tower + projector run once per batch
                            under torch.no_grad and the LM gets `inputs_embeds`.
@@ -35,7 +35,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-# Quiet the profiler's C++ start/stop and "allocated before profiling" lines (set before torch loads).
+# Quiet the profiler's C++ "allocated before profiling" warnings (must be set before torch loads).
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
@@ -68,8 +68,9 @@ LR = 1e-4
 BATCH_SIZE = 16
 N_BATCHES = 4  # distinct batches cycled through; every variant gets the same one in a round
 PROBE_STEPS = 2  # RSS steps; from step 2 on, AdamW state exists during backward
+Batch = dict[str, torch.Tensor]
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "train_cost.json"
-# Column order of the profiler's memory timeline (torch.profiler._memory_profiler), after a 0 column.
+# Column order of the profiler's memory timeline (torch.profiler._memory_profiler), after column 0.
 TIMELINE_CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation",
                        "gradient", "autograd_detail", "unknown")
 MEMORY_DEFINITIONS = {
@@ -91,7 +92,7 @@ MEMORY_DEFINITIONS = {
         "same for every variant, so at small widths it is mostly overhead."
     ),
     "ru_maxrss_growth_mb": "resource.getrusage(RUSAGE_SELF).ru_maxrss minus the same baseline.",
-    "grad_mb / optimizer_state_mb": "Exact: fp32 grad per trainable param; tensors in optimizer.state.",
+    "grad_mb / optimizer_state_mb": "Exact: one grad per trainable param; optimizer.state tensors.",
 }
 
 
@@ -110,7 +111,7 @@ def make_recipe(args: argparse.Namespace) -> TinyRecipe:
     return TinyRecipe(width=args.width, heads=args.heads, vision_layers=2, text_layers=4)
 
 
-def make_batches(processor, n_batches: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def make_batches(processor, n_batches: int, seed: int = 0) -> list[Batch]:
     """Batches of 16 rows mixing all eight tasks: 36 image tokens + ~30 text tokens per row."""
     per_task = -(-n_batches * BATCH_SIZE // len(benchmark.TASKS))
     tables = [benchmark.generate_task(t, seed, per_task, 0, 0) for t in benchmark.TASKS]
@@ -133,7 +134,7 @@ def build_variant(name: str, recipe: TinyRecipe, processor) -> Variant:
     return Variant(name, model, opt, cached=name.endswith("cached_vision"))
 
 
-def cached_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cached_inputs(model: torch.nn.Module, batch: Batch) -> Batch:
     """Run the frozen tower + projector outside autograd and splice its output into the embeddings.
 
     Mirrors LlavaModel.forward: the image features replace the <image> placeholder embeddings.
@@ -150,7 +151,7 @@ def cached_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dic
             "labels": batch["labels"]}
 
 
-def train_step(v: Variant, batch: dict[str, torch.Tensor]) -> float:
+def train_step(v: Variant, batch: Batch) -> float:
     """One optimizer step; returns the seconds spent in the no-grad vision pass (0 if none)."""
     v.opt.zero_grad(set_to_none=True)
     vision_s = 0.0
@@ -166,9 +167,15 @@ def train_step(v: Variant, batch: dict[str, torch.Tensor]) -> float:
     return vision_s
 
 
-def time_variants(variants: list[Variant], batches: list, warmup: int, steps: int) -> dict:
-    """Interleaved timing: each round steps every variant once, in an order rotated per round."""
+def time_variants(
+    variants: list[Variant], batches: list[Batch], warmup: int, steps: int, budget_s: float | None
+) -> dict:
+    """Interleaved timing: each round steps every variant once, in an order rotated per round.
+
+    Stops early (after at least 3 timed rounds) once the rounds have taken budget_s seconds.
+    """
     out = {key: {v.name: [] for v in variants} for key in ("step_s", "cpu_s", "vision_s")}
+    start = time.perf_counter()
     for r in range(warmup + steps):
         batch = batches[r % len(batches)]
         k = r % len(variants)
@@ -180,10 +187,18 @@ def time_variants(variants: list[Variant], batches: list, warmup: int, steps: in
                 out["step_s"][v.name].append(dt)
                 out["cpu_s"][v.name].append(dc)
                 out["vision_s"][v.name].append(vision_s)
+        spent = time.perf_counter() - start
+        last = "  ".join(f"{n} {1e3 * t[-1]:.0f}" for n, t in out["step_s"].items() if t)
+        print(f"round {r + 1}/{warmup + steps} ({spent:.0f} s){'  ms: ' + last if last else ''}",
+              file=sys.stderr, flush=True)
+        if budget_s is not None and spent > budget_s and r + 1 - warmup >= 3:
+            print(f"time budget {budget_s:.0f} s spent: stopping after {r + 1 - warmup} timed "
+                  "steps", file=sys.stderr, flush=True)
+            break
     return out
 
 
-def check_cached_loss(v: Variant, batch: dict[str, torch.Tensor]) -> dict:
+def check_cached_loss(v: Variant, batch: Batch) -> dict:
     """The cached-vision loss and LoRA grads must equal the plain forward's on the same batch.
 
     Run on the benchmark's own (trained, so LoRA B != 0) cached-vision model.
@@ -223,7 +238,7 @@ def peak_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def tensor_timeline_peak(v: Variant, batch: dict[str, torch.Tensor]) -> dict:
+def tensor_timeline_peak(v: Variant, batch: Batch) -> dict:
     """Peak live tensor bytes over one step, with the per-category split at the peak."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:
@@ -238,7 +253,7 @@ def tensor_timeline_peak(v: Variant, batch: dict[str, torch.Tensor]) -> dict:
             "breakdown_bytes": dict(zip(TIMELINE_CATEGORIES, sizes[peak][1:]))}
 
 
-def memory_probe(name: str, args: argparse.Namespace, batches: list, conn) -> None:
+def memory_probe(name: str, args: argparse.Namespace, batches: list[Batch], conn) -> None:
     """Child process: build one variant, then measure RSS growth and the tensor-memory timeline."""
     torch.set_num_threads(args.threads)
     recipe = make_recipe(args)
@@ -278,7 +293,7 @@ def memory_probe(name: str, args: argparse.Namespace, batches: list, conn) -> No
     conn.close()
 
 
-def run_probe(name: str, args: argparse.Namespace, batches: list) -> dict:
+def run_probe(name: str, args: argparse.Namespace, batches: list[Batch]) -> dict:
     """Run memory_probe for one variant in a fresh process forked from a forkserver."""
     ctx = mp.get_context("forkserver")
     # Python < 3.13 never preloads __main__ into the server, so name the heavy imports, or
@@ -340,7 +355,7 @@ def main(args: argparse.Namespace) -> dict:
     processor = build_processor(recipe, benchmark.vocabulary_text())
     batches = make_batches(processor, N_BATCHES)
     variants = [build_variant(name, recipe, processor) for name in VARIANTS]
-    timing = time_variants(variants, batches, args.warmup, args.steps)
+    timing = time_variants(variants, batches, args.warmup, args.steps, args.time_budget)
     timed_s = time.perf_counter() - started
     check = check_cached_loss(variants[VARIANTS.index("lora_text_cached_vision")], batches[0])
     del variants
@@ -350,7 +365,7 @@ def main(args: argparse.Namespace) -> dict:
     rows = {name: summarise(name, timing, probes[name]) for name in VARIANTS}
     full = rows["full_ft"]
     for r in rows.values():
-        for key in ("step_ms_median", "step_cpu_ms_median", "peak_tensor_mb",
+        for key in ("step_ms_median", "step_ms_min", "step_cpu_ms_median", "peak_tensor_mb",
                     "peak_tensor_no_param_mb", "peak_rss_growth_mb"):
             r[f"{key}_ratio"] = ratio(r[key], full[key])
         r["meets_target"] = r["step_ms_median_ratio"] <= TARGET_RATIO
@@ -373,19 +388,22 @@ def main(args: argparse.Namespace) -> dict:
             "loadavg_after": os.getloadavg(),
         },
         "config": {
-            "recipe": {k: getattr(recipe, k) for k in
-                       ("width", "heads", "vision_layers", "text_layers", "image_size", "patch_size")},
+            "recipe": dataclasses.asdict(recipe),
             "batch_size": BATCH_SIZE,
             "image_tokens": int((batches[0]["input_ids"][0] == image_id).sum()),
             "mean_seq_len": lengths.mean().item(),
             "warmup": args.warmup,
             "steps": args.steps,
+            "steps_timed": len(timing["step_s"]["full_ft"]),  # < steps if --time-budget ran out
+            "time_budget_s": args.time_budget,
             "threads": args.threads,
             "optimizer": f"AdamW lr={LR}, weight_decay=0",
             "lora": {k: dataclasses.asdict(s) for k, s in SPECS.items()},
             "timing": "interleaved rounds, order rotated each round; step = zero_grad + forward "
                       "(incl. the no-grad vision pass for the cached variant) + backward + AdamW "
-                      "step; *_ms_median is wall clock, step_cpu_ms_median is process CPU time",
+                      "step. step_ms_* is wall clock (median, and min: the least disturbed by "
+                      "other load); step_cpu_ms_median is process CPU time (OpenMP spin-waits "
+                      "count, so it inflates under contention too)",
             "target_step_time_ratio": TARGET_RATIO,
             "smoke_test": args.smoke_test,
         },
@@ -402,9 +420,10 @@ def print_table(report: dict) -> None:
     from rich.table import Table
 
     cfg = report["config"]
-    table = Table(title=f"Train step cost: width {cfg['recipe']['width']}, batch {cfg['batch_size']}, "
-                        f"median of {cfg['steps']} steps, {cfg['threads']} threads")
-    cols = ("variant", "step ms", "x FT", "CPU x FT", "peak tensors MB", "x FT",
+    title = (f"Train step cost: width {cfg['recipe']['width']}, batch {cfg['batch_size']}, "
+             f"median of {cfg['steps_timed']} steps, {cfg['threads']} threads")
+    table = Table(title=title)
+    cols = ("variant", "step ms", "x FT", "min x FT", "CPU x FT", "peak tensors MB", "x FT",
             "minus params MB", "x FT", "peak RSS +MB", "x FT", "trainable %")
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
@@ -412,9 +431,11 @@ def print_table(report: dict) -> None:
     for name, r in report["variants"].items():
         table.add_row(
             name, fmt(r["step_ms_median"], ".0f"), fmt(r["step_ms_median_ratio"], ".2f"),
+            fmt(r["step_ms_min_ratio"], ".2f"),
             fmt(r["step_cpu_ms_median_ratio"], ".2f"),
             fmt(r["peak_tensor_mb"], ".1f"), fmt(r["peak_tensor_mb_ratio"], ".2f"),
-            fmt(r["peak_tensor_no_param_mb"], ".1f"), fmt(r["peak_tensor_no_param_mb_ratio"], ".2f"),
+            fmt(r["peak_tensor_no_param_mb"], ".1f"),
+            fmt(r["peak_tensor_no_param_mb_ratio"], ".2f"),
             fmt(r["peak_rss_growth_mb"], ".1f"), fmt(r["peak_rss_growth_mb_ratio"], ".2f"),
             fmt(r["trainable_pct"], ".2f"),
         )
@@ -436,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timed steps per variant; each costs ~4 train steps of wall time")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the timing rounds; stop early once spent (>= 3 timed steps)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="JSON report (default benchmarks/results/train_cost.json)")
     p.add_argument("--smoke-test", action="store_true", help="width 64, 2 steps: checks it runs")
