@@ -1,6 +1,8 @@
 """Training cost of LoRA adapters vs full fine-tuning, side by side on one random-init backbone.
 
-    .venv/bin/python benchmarks/train_cost.py --width 512 --steps 8 --warmup 1
+    .venv/bin/python benchmarks/train_cost.py --width 512 --steps 40 --warmup 3 --time-budget 200
+
+(about 2 minutes on 2 idle cores; --time-budget caps the timing rounds when the box is busy.)
 
 Variants (all AdamW, identical weights at start, identical batches):
   full_ft                  every parameter trainable.
@@ -426,7 +428,8 @@ def print_table(report: dict) -> None:
     cols = ("variant", "step ms", "x FT", "min x FT", "CPU x FT", "peak tensors MB", "x FT",
             "minus params MB", "x FT", "peak RSS +MB", "x FT", "trainable %")
     for col in cols:
-        table.add_column(col, justify="left" if col == "variant" else "right")
+        left = col == "variant"
+        table.add_column(col, justify="left" if left else "right", no_wrap=left)
     fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
     for name, r in report["variants"].items():
         table.add_row(
@@ -453,9 +456,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--width", type=int, default=512, help="hidden size of tower and LM")
     p.add_argument("--heads", type=int, default=8, help="attention heads")
-    p.add_argument("--steps", type=int, default=8,
+    p.add_argument("--steps", type=int, default=30,
                    help="timed steps per variant; each costs ~4 train steps of wall time")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the timing rounds; stop early once spent (>= 3 timed steps)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 from rich.console import Console
 from rich.progress import Progress
 
@@ -165,6 +166,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
         # Validate every dataset before any training: a bad one stops the run with nothing written.
         tables = {task: load_dataset(path) for task, path in files.items()}
         init_ray()
+        # Tiny models evaluate fastest on one thread, and several strategies evaluate at once.
+        torch.set_num_threads(1)
         model, processor = load_backbone(cfg.backbone, backbone_path)
         tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
         zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
