@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --concurrent 3 --out $(OUT)
+	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --out $(OUT)
 
 # A two-minute variant of `make run` on the small test backbone, for docs and CI.
 smoke: $(STAMP)

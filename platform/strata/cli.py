@@ -29,12 +29,11 @@ def fail(message: str, code: int = 1) -> None:
 def build_run_config(
     config: Optional[Path], strategies: list[str], tasks: Optional[int], steps: Optional[int],
     out: Optional[str], seed: Optional[int], backbone: Optional[str], workers: Optional[int],
-    data: Optional[str], test_rows: Optional[int], concurrent: Optional[int] = None,
+    data: Optional[str], test_rows: Optional[int],
 ) -> RunConfig:
     """YAML (if given) first, then flags on top; validation happens in the dataclasses."""
     raw: dict = yaml.safe_load(config.read_text()) or {} if config else {}
-    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows,
-             "concurrent_strategies": concurrent}
+    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if strategies:
         raw["strategies"] = list(strategies)
@@ -61,7 +60,6 @@ def run(
     workers: Optional[int] = typer.Option(None, help="Ray Train workers per task."),
     data: Optional[str] = typer.Option(None, help="Directory of <task>.parquet (default: built-in)."),
     test_rows: Optional[int] = typer.Option(None, help="Test rows per built-in task."),
-    concurrent: Optional[int] = typer.Option(None, help="Strategies trained at the same time."),
     config: Optional[Path] = typer.Option(None, help="YAML file that fills the run config."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
@@ -70,7 +68,7 @@ def run(
 
     try:
         cfg = build_run_config(
-            config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows, concurrent
+            config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows
         )
         run_pipeline(cfg, console)
     except (ValueError, FileNotFoundError) as e:

@@ -62,7 +62,7 @@ class LoraSpec:
 class TrainConfig:
     """How each task is trained."""
 
-    steps: int = 120  # optimizer steps per task; more steps learn more and forget more
+    steps: int = 100  # optimizer steps per task; more steps learn more and forget more
     batch_size: int = 32  # global batch, split across workers
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -103,8 +103,6 @@ class RunConfig:
     n_val: int = 100
     n_test: int = 500
     eval_batch_size: int = 256
-    concurrent_strategies: int = 1  # strategies learning their streams at the same time
-
 
     def __post_init__(self) -> None:
         from strata.strategies import STRATEGIES  # late: strategies import this module
@@ -114,8 +112,6 @@ class RunConfig:
         for s in self.strategies:
             if s not in STRATEGIES:
                 raise ValueError(f"unknown strategy {s!r}; known: {sorted(STRATEGIES)}")
-        if self.concurrent_strategies < 1:
-            raise ValueError(f"concurrent_strategies must be >= 1, got {self.concurrent_strategies}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
 

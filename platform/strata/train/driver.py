@@ -61,16 +61,14 @@ def _worker(config: dict) -> None:
     train_task(backbone, processor, job.strategy, job.ctx, read_table(job.rows_path), job.train, report)
 
 
-def fit_task(job: TaskJob, storage_path: str, run_name: str, share: int = 1) -> dict:
+def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
     """Train one task on Ray Train and install its adapter into the strategy's state dir.
 
-    `share` is how many fits run at once; without an explicit cpus_per_worker the cluster's CPUs
-    are split evenly among all their workers.
+    Without an explicit cpus_per_worker, the cluster's CPUs are split evenly across workers.
     """
-    total = ray.cluster_resources().get("CPU", 1.0)
-    # Fractional CPUs let several small fits share a laptop's cores; threads stay whole.
-    cpus = job.train.cpus_per_worker or round(total / (job.train.num_workers * share), 2)
-    job = TaskJob(**{**job.__dict__, "threads_per_worker": max(1, int(cpus))})
+    total = int(ray.cluster_resources().get("CPU", 1))
+    cpus = job.train.cpus_per_worker or max(1, total // job.train.num_workers)
+    job = TaskJob(**{**job.__dict__, "threads_per_worker": cpus})
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"job": job},

@@ -1,0 +1,60 @@
+"""The stream job through `ray job submit` on a real `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def head_node():
+    """A one-node cluster with the dashboard (job submission needs it) on loopback."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    port = "8297"
+    subprocess.run(
+        [RAY, "start", "--head", "--num-cpus=2", f"--temp-dir={tmp}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={port}", "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=120,
+    )
+    yield env, f"http://127.0.0.1:{port}"
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def submit(env: dict, address: str, args: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit` of jobs.stream with the repo as working_dir; waits for the job to end."""
+    runtime_env = {"working_dir": str(REPO), "env_vars": {"STRATA_CACHE": os.environ.get("STRATA_CACHE", "")}}
+    cmd = [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={json.dumps(runtime_env)}",
+           "--", "python", "-m", "jobs.stream", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_stream_job_runs_and_writes_metrics(head_node, backbone_dir, tmp_path):
+    env, address = head_node
+    out = tmp_path / "job"
+    proc = submit(env, address, ["--strategy", "seqlora", "--tasks", "2", "--steps", "20",
+                                 "--test-rows", "40", "--backbone", str(backbone_dir), "--out", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout
+    metrics = json.loads((out / "seqlora" / "metrics.json").read_text())
+    assert len(metrics["accuracy_matrix"]) == 2
+
+
+def test_failing_job_exits_non_zero_with_a_clear_message(head_node, tmp_path):
+    env, address = head_node
+    proc = submit(env, address, ["--strategy", "nope", "--out", str(tmp_path / "bad")])
+    assert proc.returncode != 0
+    assert "unknown strategy 'nope'" in proc.stdout + proc.stderr
