@@ -21,7 +21,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 @pytest.fixture(scope="module")
 def head_node():
     """A one-node cluster with the dashboard (job submission needs it) on loopback."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # The job's `python` must be this venv's, as it is for a user with the venv activated.
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     port = "8297"
     subprocess.run(
