@@ -38,10 +38,14 @@ def test_seqlora_forgets_and_decoupled_does_not(results):
     assert res["decoupled"]["router_accuracy"] >= 90
 
 
+def _no_nan(token: str):
+    raise AssertionError(f"metrics.json is not strict JSON: {token}")
+
+
 def test_run_writes_metrics_plot_predictions_manifest(results):
     out, res = results
     for name in ("seqlora", "decoupled"):
-        metrics = json.loads((out / name / "metrics.json").read_text())
+        metrics = json.loads((out / name / "metrics.json").read_text(), parse_constant=_no_nan)
         for key in ("tasks", "accuracy_matrix", "faa", "mfn", "mft", "maa", "bwt", "fwt", "forgetting"):
             assert key in metrics
         assert len(metrics["accuracy_matrix"]) == 3

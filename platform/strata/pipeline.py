@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from strata.adapters.lora import load_adapter
 from strata.atomic import write_text
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import RunConfig, check_name
@@ -29,13 +30,12 @@ from strata.data.collate import Encoded, encode_table
 from strata.data.schema import load_dataset, write_table
 from strata.eval.evaluate import TaskResult, evaluate_task
 from strata.eval.metrics import summarize
-from strata.eval.scoring import SCORER_VERSION
 from strata.eval.plots import plot_accuracy_matrix
 from strata.eval.report import comparison_table, matrix_table
+from strata.eval.scoring import SCORER_VERSION
 from strata.strategies import make_strategy
 from strata.strategies.base import Strategy, TaskContext
 from strata.train.driver import TaskJob, fit_task, init_ray
-from strata.adapters.lora import load_adapter
 
 _VERSIONED = ("torch", "transformers", "peft", "ray", "pyarrow", "strata")
 
@@ -115,12 +115,13 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
         note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
 
     sizes = [len(tests[t]) for t in tasks]
-    metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": R.tolist(), "test_sizes": sizes,
+    matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]  # JSON has no NaN
+    metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, "test_sizes": sizes,
                "base_accuracy": base, "scorer_version": SCORER_VERSION, **summarize(R, sizes, base)}
     if not strategy.shared:
         routed = [r for r in predictions if r["after_task"] == tasks[-1]]
         metrics["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     plot_accuracy_matrix(R, tasks, out / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
     write_table(pa.Table.from_pylist(predictions), out / "predictions.parquet")
     write_text(out / "manifest.json", json.dumps(manifest(cfg, files, backbone_path, name), indent=2))

@@ -24,15 +24,6 @@ from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lora_shapes(model: torch.nn.Module, adapter: str) -> dict[str, tuple[int, int]]:
     """Module name -> (rank of lora_A, rank of lora_B) for every module carrying `adapter`."""
     out = {}

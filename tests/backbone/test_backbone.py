@@ -18,15 +18,6 @@ from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_parameter_is_frozen_and_model_in_eval(backbone) -> None:
     model, _ = backbone
     names = [n for n, _ in model.named_parameters()]

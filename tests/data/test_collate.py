@@ -12,15 +12,6 @@ from strata.data.collate import IGNORE, collate, decode_image, encode_table
 from strata.data.template import EOS, render_answer, render_prompt
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def loaded(test_spec, backbone_dir):
     return load_backbone(test_spec, backbone_dir)

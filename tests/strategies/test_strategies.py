@@ -18,15 +18,6 @@ from strata.strategies.base import TaskContext
 from strata.strategies.decoupled import Decoupled, PrototypeRouter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # name -> (shared adapter?, which earlier rows it trains on)
 TABLE = {
     "seqlora": (True, "none"),

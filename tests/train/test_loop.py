@@ -22,15 +22,6 @@ from strata.train.driver import install
 from strata.train.loop import step_indices, train_task
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; several threads on a busy CPU spin for nothing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 LORA = LoraSpec(visual_rank=4, text_rank=4)
 
 
