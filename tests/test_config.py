@@ -162,3 +162,13 @@ def test_run_config_hash_is_stable_and_tracks_every_field() -> None:
     hashes = {c.hash() for c in changed}
     assert a.hash() not in hashes
     assert len(hashes) == len(changed)
+
+
+def test_python_api_validates_before_doing_anything(tmp_path) -> None:
+    import strata
+
+    with pytest.raises(ValueError, match="unknown strategy 'nope'"):
+        strata.run(strategies=["nope"], out=str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="unknown key"):
+        strata.run(train={"stepz": 3})
+    assert not (tmp_path / "x").exists()

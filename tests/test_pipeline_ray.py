@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from strata.config import BackboneSpec, RunConfig, TrainConfig
-from strata.pipeline import run
+import strata
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ def results(ray_cluster, backbone_dir, tmp_path_factory):
         n_val=20,
         n_test=120,
     )
-    return out, run(cfg)
+    return out, strata.run(cfg)  # the Python API
 
 
 def test_seqlora_forgets_and_decoupled_does_not(results):

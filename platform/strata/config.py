@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 BUILTIN_BACKBONES = ("builtin:tiny", "builtin:test")
+STRATEGIES = ("seqlora", "replay", "decoupled", "multitask")  # built by strategies.make_strategy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -105,8 +106,6 @@ class RunConfig:
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        from strata.strategies import STRATEGIES  # late: strategies import this module
-
         if not self.strategies:
             raise ValueError("at least one strategy is needed")
         for s in self.strategies:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from strata.config import STRATEGIES
+
 if TYPE_CHECKING:
     from strata.config import RunConfig
     from strata.strategies.base import Strategy
 
-STRATEGIES = ("seqlora", "replay", "decoupled", "multitask")
+__all__ = ["STRATEGIES", "make_strategy"]
 
 
 def make_strategy(name: str, cfg: RunConfig) -> Strategy:
