@@ -70,7 +70,7 @@ def test_two_workers_train_with_ddp_over_gloo(ray_cluster, backbone_dir, tmp_pat
     ctx = TaskContext(0, "colour", (), {}, str(tmp_path / "state"))
     job = TaskJob(SeqLoRA(), ctx, str(tmp_path / "rows.parquet"),
                   TrainConfig(steps=4, batch_size=8, num_workers=2, cpus_per_worker=1),
-                  BackboneSpec(str(backbone_dir)), str(backbone_dir), 1)
+                  BackboneSpec(str(backbone_dir)), str(backbone_dir))
     metrics = fit_task(job, str(tmp_path / "ray"), "ddp")
     assert metrics["step"] == 4
     assert (ctx.adapters_dir / "shared" / "adapter_model.safetensors").exists()

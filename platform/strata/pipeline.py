@@ -102,7 +102,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
         ctx = TaskContext(t, task, tuple(tasks[:t]), dict(train_paths), str(state_dir))
         rows_path = state_dir / "rows.parquet"
         write_table(strategy.training_table(ctx, split(tables[task], "train")), rows_path)
-        job = TaskJob(strategy, ctx, str(rows_path), cfg.train, cfg.backbone, str(backbone_path), 1)
+        job = TaskJob(strategy, ctx, str(rows_path), cfg.train, cfg.backbone, str(backbone_path))
         fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}")
         model, processor = eval_model(cfg, backbone_path, strategy, ctx)
         strategy.after_task(ctx, split(tables[task], "train"), model, processor)
