@@ -5,8 +5,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.strata-installed
 OUT    ?= runs/default
-STEPS  ?=
-SMOKE  ?=
 
 .PHONY: run test install smoke bench clean
 
