@@ -154,3 +154,23 @@ def test_build_run_config_flags_override_yaml(tmp_path: Path) -> None:
     train = cfg.train
     assert (train.steps, train.batch_size, train.num_workers, train.seed) == (9, 4, 2, 7)
     assert cfg.backbone.source == "builtin:test"
+
+
+def test_run_rejects_a_bad_dataset_before_anything_is_written(tmp_path: Path, backbone_dir: Path) -> None:
+    """A stream with one invalid task stops at validation: the report names the row, no output."""
+    from strata.data.benchmark import generate_task
+    from strata.data.schema import write_table
+
+    data = tmp_path / "data"
+    good = generate_task("colour", 0, n_train=8, n_val=2, n_test=4)
+    bad = generate_task("shape", 0, n_train=8, n_val=2, n_test=4).to_pylist()
+    bad[3]["answer"] = "   "
+    write_table(good, data / "a_colour.parquet")
+    write_table(pa.Table.from_pylist(bad, schema=good.schema), data / "b_shape.parquet")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.app, ["run", "--strategy", "seqlora", "--tasks", "2",
+                                          "--data", str(data), "--backbone", str(backbone_dir),
+                                          "--out", str(out)])
+    assert result.exit_code == 1
+    assert "row 3" in result.output and "answer" in result.output
+    assert not out.exists()

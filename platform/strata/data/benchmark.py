@@ -30,6 +30,7 @@ from strata.data.scenes import (
     png_bytes,
     random_scene,
 )
+from strata.atomic import write_text
 from strata.data.schema import SCHEMA, write_table
 
 TASKS = ("colour", "shape", "count", "location", "exists", "relation", "size", "shift")
@@ -236,9 +237,7 @@ def write_benchmark(
         # Drop the sidecar first: it is written last, so its presence means the Parquet is whole.
         sidecar.unlink(missing_ok=True)
         write_table(generate_task(task, seed, n_train, n_val, n_test, image_size), path)
-        tmp = sidecar.with_name(f".{sidecar.name}.tmp")
-        tmp.write_text(json.dumps(args, indent=2, sort_keys=True))
-        os.replace(tmp, sidecar)
+        write_text(sidecar, json.dumps(args, indent=2, sort_keys=True))
     return paths
 
 
