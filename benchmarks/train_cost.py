@@ -48,7 +48,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from strata.adapters.lora import add_adapter  # noqa: E402
 from strata.atomic import write_text  # noqa: E402
 from strata.backbone.tiny import TinyRecipe, build_model, build_processor  # noqa: E402
-from strata.config import LoraSpec  # noqa: E402
+from strata.config import AdapterSpec  # noqa: E402
 from strata.data import benchmark  # noqa: E402
 from strata.data.collate import collate, encode_table  # noqa: E402
 from strata.data.template import IMAGE_TOKEN  # noqa: E402
@@ -60,9 +60,9 @@ warnings.filterwarnings("ignore", message=".*export_memory_timeline.*", category
 
 VARIANTS = ("full_ft", "lora_all", "lora_text", "lora_text_cached_vision")
 SPECS = {
-    "lora_all": LoraSpec(visual_rank=16, text_rank=16),
-    "lora_text": LoraSpec(visual_rank=0, text_rank=16),
-    "lora_text_cached_vision": LoraSpec(visual_rank=0, text_rank=16),
+    "lora_all": AdapterSpec(visual_rank=16, text_rank=16),
+    "lora_text": AdapterSpec(visual_rank=0, text_rank=16),
+    "lora_text_cached_vision": AdapterSpec(visual_rank=0, text_rank=16),
 }
 TARGET_RATIO = 0.6  # the goal: adapter step time <= 0.6x full FT at width 512
 LOSS_TOL = 1e-5

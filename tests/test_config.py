@@ -9,7 +9,7 @@ import pytest
 
 from strata.config import (
     BackboneSpec,
-    LoraSpec,
+    AdapterSpec,
     RunConfig,
     TrainConfig,
     check_name,
@@ -22,14 +22,14 @@ def test_from_dict_fills_nested_dataclasses_and_turns_lists_into_tuples(tmp_path
         "strategies": ["seqlora", "replay"],
         "tasks": 2,
         "backbone": {"source": str(tmp_path)},
-        "lora": {"visual_rank": 0, "text_rank": 4},
+        "adapter": {"visual_rank": 0, "text_rank": 4},
         "train": {"steps": 5, "batch_size": 6, "num_workers": 3},
     }
     cfg = from_dict(RunConfig, raw, "run config")
     assert cfg.strategies == ("seqlora", "replay")
     assert isinstance(cfg.strategies, tuple)
     assert cfg.backbone == BackboneSpec(str(tmp_path))
-    assert cfg.lora == LoraSpec(visual_rank=0, text_rank=4)
+    assert cfg.adapter == AdapterSpec(visual_rank=0, text_rank=4)
     assert cfg.train == TrainConfig(steps=5, batch_size=6, num_workers=3)
     # Fields not given keep their defaults, nested ones included.
     assert cfg.train.lr == TrainConfig().lr
@@ -49,8 +49,8 @@ def test_unknown_top_level_key_is_named() -> None:
 def test_unknown_nested_key_names_key_and_where() -> None:
     with pytest.raises(ValueError, match=r"unknown key\(s\) in run config\.train: stepz"):
         from_dict(RunConfig, {"train": {"stepz": 3}}, "run config")
-    with pytest.raises(ValueError, match=r"in run config\.lora: rank"):
-        from_dict(RunConfig, {"lora": {"rank": 3}}, "run config")
+    with pytest.raises(ValueError, match=r"in run config\.adapter: rank"):
+        from_dict(RunConfig, {"adapter": {"rank": 3}}, "run config")
 
 
 def test_from_dict_refuses_a_non_mapping() -> None:
@@ -79,14 +79,14 @@ def test_backbone_spec_accepts_builtin_and_local_dir(tmp_path: Path) -> None:
     assert BackboneSpec(str(tmp_path), quantization="4bit").quantization == "4bit"
 
 
-def test_lora_spec_refuses_both_ranks_zero() -> None:
+def test_adapter_spec_refuses_both_ranks_zero() -> None:
     with pytest.raises(ValueError, match=r"not both 0 \(visual_rank=0, text_rank=0\)"):
-        LoraSpec(visual_rank=0, text_rank=0)
+        AdapterSpec(visual_rank=0, text_rank=0)
     with pytest.raises(ValueError, match=r"ranks must be >= 0"):
-        LoraSpec(visual_rank=-1, text_rank=8)
-    with pytest.raises(ValueError, match=r"lora dropout must be in \[0, 1\), got 1.0"):
-        LoraSpec(dropout=1.0)
-    assert LoraSpec(visual_rank=0, text_rank=4).visual_rank == 0
+        AdapterSpec(visual_rank=-1, text_rank=8)
+    with pytest.raises(ValueError, match=r"adapter dropout must be in \[0, 1\), got 1.0"):
+        AdapterSpec(dropout=1.0)
+    assert AdapterSpec(visual_rank=0, text_rank=4).visual_rank == 0
 
 
 def test_train_config_batch_must_divide_across_workers() -> None:
@@ -110,7 +110,7 @@ def test_train_config_other_validation(kwargs: dict, message: str) -> None:
 
 
 def test_run_config_unknown_strategy_is_named() -> None:
-    known = r"known: \['decoupled', 'multitask'"
+    known = r"known: \['cma', 'decoupled', 'dgg'"
     with pytest.raises(ValueError, match=rf"unknown strategy 'ewc2'; {known}"):
         RunConfig(strategies=("seqlora", "ewc2"))
     with pytest.raises(ValueError, match="at least one strategy"):
@@ -156,7 +156,7 @@ def test_run_config_hash_is_stable_and_tracks_every_field() -> None:
         dataclasses.replace(a, seed=1),
         dataclasses.replace(a, strategies=("seqlora",)),
         dataclasses.replace(a, train=TrainConfig(steps=7)),
-        dataclasses.replace(a, lora=LoraSpec(visual_rank=4)),
+        dataclasses.replace(a, adapter=AdapterSpec(visual_rank=4)),
         dataclasses.replace(a, backbone=BackboneSpec("builtin:test")),
     ]
     hashes = {c.hash() for c in changed}

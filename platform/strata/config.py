@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 BUILTIN_BACKBONES = ("builtin:tiny", "builtin:test")
-STRATEGIES = ("seqlora", "replay", "decoupled", "multitask")  # built by strategies.make_strategy
+STRATEGIES = ("seqlora", "replay", "decoupled", "multitask", "ewc", "lwf", "dgg", "mode", "cma")  # built by strategies.make_strategy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -40,23 +40,151 @@ class BackboneSpec:
             raise ValueError(f"quantization must be None, '4bit' or '8bit', got {self.quantization!r}")
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    """Ranks of the visual side (vision tower + projector) and the text side (LM) of an adapter."""
+ADAPTER_KINDS = ("lora", "dora", "bottleneck", "prefix", "bitfit")
+PLACEMENTS = ("all", "top_half", "bottom_half", "every_other", "vision_only", "language_only")
 
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What kind of adapter to train, where it sits, and its ranks per side (and per layer)."""
+
+    kind: str = "lora"  # one of ADAPTER_KINDS; adapters/placement.py says which placements fit
+    placement: str = "all"  # one of PLACEMENTS: which layers of which tower get the adapter
     visual_rank: int = 8  # 0 leaves the vision side frozen (and lets its features be cached)
-    text_rank: int = 8  # LoRA rank on the LM's attention and MLP projections
+    text_rank: int = 8  # rank (LoRA/DoRA), bottleneck width or prefix length on the LM side
     alpha_ratio: float = 2.0  # lora_alpha = alpha_ratio * rank; raising it scales the update up
     dropout: float = 0.0
+    layer_ranks: dict[str, int] = field(default_factory=dict)  # module-name regex -> rank (adaptive)
 
     def __post_init__(self) -> None:
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"adapter.kind must be one of {ADAPTER_KINDS}, got {self.kind!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"adapter.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.visual_rank < 0 or self.text_rank < 0 or self.visual_rank + self.text_rank == 0:
             raise ValueError(
                 f"ranks must be >= 0 and not both 0 (visual_rank={self.visual_rank}, "
                 f"text_rank={self.text_rank})"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"adapter dropout must be in [0, 1), got {self.dropout}")
+        for pattern, rank in self.layer_ranks.items():
+            if not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"adapter.layer_ranks[{pattern!r}] must be an int >= 1, got {rank!r}")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"adapter.layer_ranks key {pattern!r} is not a valid regex: {e}") from None
+
+    def __hash__(self) -> int:
+        return hash((self.kind, self.placement, self.visual_rank, self.text_rank, self.alpha_ratio,
+                     self.dropout, tuple(sorted(self.layer_ranks.items()))))
+
+
+def _check_unit(value: float, where: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} must be in [0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class DecoupledConfig:
+    """Options of the Decoupled strategy."""
+
+    routing: str = "auto"  # "auto" (prototype router) or "name" (the caller names the task)
+    contrastive: bool = False  # add seed 000's symmetric InfoNCE on pooled image/text states
+    contrastive_weight: float = 0.1
+    tau: float = 0.07
+
+    def __post_init__(self) -> None:
+        if self.routing not in ("auto", "name"):
+            raise ValueError(f"decoupled.routing must be 'auto' or 'name', got {self.routing!r}")
+        if self.tau <= 0:
+            raise ValueError(f"decoupled.tau must be > 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class DGGConfig:
+    """Dynamic Gradient Guidance (seed 004); the three switches are the paper's ablations."""
+
+    alpha: float | tuple[float, ...] = 0.2  # injection probability, constant or one per task
+    bernoulli: bool = True  # False: inject the guidance every step
+    scaling: bool = True  # False: never rescale (theta - theta*) to the gradient's norm
+    replay: bool = True  # False: guidance only ("g-hat only"), no replay rows
+
+    def __post_init__(self) -> None:
+        for i, a in enumerate(self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)):
+            _check_unit(a, f"dgg.alpha[{i}]" if isinstance(self.alpha, tuple) else "dgg.alpha")
+        if isinstance(self.alpha, tuple) and not self.alpha:
+            raise ValueError("dgg.alpha as a per-task list needs at least one value")
+
+    def alpha_for(self, task_index: int) -> float:
+        """The injection probability for task `task_index` (a per-task list repeats its last value)."""
+        if isinstance(self.alpha, tuple):
+            return self.alpha[min(task_index, len(self.alpha) - 1)]
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class MoDEConfig:
+    """Modality-decoupled experts (seed 001): T-MoE for text tokens, V-Adapter for image tokens."""
+
+    experts: int = 4  # LoRA experts in each T-MoE
+    rank: int = 8  # rank of every T-MoE expert and of the V-Adapter
+    kd_weight: float = 0.3  # lambda: weight of KL(teacher || student) on the reference set
+    temperature: float = 2.0
+    reference: str = "pretraining"  # "pretraining" (backbone captions) or a Parquet dataset path
+    reference_rows: int = 256
+    kd_batch: int = 8  # reference rows per training step
+    coupled: bool = False  # True: every token goes through one MoE-LoRA (the coupled baseline)
+
+    def __post_init__(self) -> None:
+        if self.experts < 1 or self.rank < 1 or self.reference_rows < 1 or self.kd_batch < 1:
+            raise ValueError("mode.experts, mode.rank, mode.reference_rows and mode.kd_batch must be >= 1")
+        if self.kd_weight < 0 or self.temperature <= 0:
+            raise ValueError(f"mode.kd_weight must be >= 0 and mode.temperature > 0, got "
+                             f"{self.kd_weight}, {self.temperature}")
+
+
+@dataclass(frozen=True)
+class CMAConfig:
+    """Cross-modality MoE adapters with expert freezing (seed 002)."""
+
+    blocks: int = 2  # adapters after the last B blocks of the LM
+    experts: int = 10
+    top_k: int = 2
+    hidden: int = 16  # bottleneck width of each expert
+    freeze_threshold: float = 0.1  # freeze experts whose top-k share exceeds this after a task
+    freeze: bool = True  # False: the no-freezing ablation
+    memory: int = 200  # memory-buffer rows kept across all tasks
+    memory_batch: int = 8  # memory rows per training step
+    distill_weight: float = 1.0
+    align_weight: float = 0.1
+    preserve_weight: float = 1.0  # multiplied by sqrt(t - 1)
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"cma.top_k must be in [1, cma.experts={self.experts}], got {self.top_k}")
+        if self.blocks < 1 or self.hidden < 1 or self.memory < 1 or self.memory_batch < 1:
+            raise ValueError("cma.blocks, cma.hidden, cma.memory and cma.memory_batch must be >= 1")
+        _check_unit(self.freeze_threshold, "cma.freeze_threshold")
+
+
+@dataclass(frozen=True)
+class EWCConfig:
+    """Elastic weight consolidation on the adapter parameters (diagonal Fisher)."""
+
+    weight: float = 100.0  # lambda in lambda/2 * sum F (theta - theta_old)^2
+    fisher_rows: int = 256  # train rows whose squared gradients estimate the Fisher
+    fisher_batch: int = 8
+
+
+@dataclass(frozen=True)
+class LwFConfig:
+    """Learning without forgetting: KD from the previous task's model on the current inputs."""
+
+    weight: float = 1.0
+    temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -97,9 +225,15 @@ class RunConfig:
     out: str = "runs/default"
     seed: int = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
-    lora: LoraSpec = field(default_factory=LoraSpec)
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
-    replay_per_task: int = 100  # reservoir size kept per task by the replay strategy
+    replay_per_task: int = 100  # reservoir size kept per task by replay (and DGG with replay)
+    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
+    dgg: DGGConfig = field(default_factory=DGGConfig)
+    mode: MoDEConfig = field(default_factory=MoDEConfig)
+    cma: CMAConfig = field(default_factory=CMAConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+    lwf: LwFConfig = field(default_factory=LwFConfig)
     n_train: int = 1000  # built-in benchmark sizes (ignored when `data` is given)
     n_val: int = 100
     n_test: int = 500

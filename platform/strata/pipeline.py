@@ -21,7 +21,6 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from strata.adapters.lora import load_adapter
 from strata.atomic import write_text
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import RunConfig, check_name
@@ -68,9 +67,7 @@ def sha256(path: Path) -> str:
 def eval_model(cfg: RunConfig, backbone_path: Path, strategy: Strategy, ctx: TaskContext | None):
     """A fresh backbone with the strategy's adapters after task `ctx` (None: the bare backbone)."""
     model, processor = load_backbone(cfg.backbone, backbone_path)
-    for name in strategy.eval_adapters(ctx) if ctx else []:
-        model = load_adapter(model, ctx.adapters_dir / name, name)
-    return model, processor
+    return (strategy.load_eval(model, ctx) if ctx else model), processor
 
 
 def evaluate_all(model, processor, strategy, ctx, tests: dict[str, Encoded], batch_size: int) -> dict[str, TaskResult]:
@@ -97,7 +94,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     bar = progress.add_task(f"{name}", total=T)
     for t, task in enumerate(tasks):
         seen = {k: train_paths[k] for k in tasks[: t + 1]}
-        ctx = TaskContext(t, task, tuple(tasks[:t]), seen, str(state_dir))
+        ctx = TaskContext(t, task, tuple(tasks[:t]), seen, str(state_dir), cfg.seed)
         own = read_table(train_paths[task])
         rows_path = state_dir / "rows.parquet"
         write_table(strategy.training_table(ctx, own), rows_path)

@@ -19,7 +19,7 @@ from strata.adapters.lora import (
     used_vision_layers,
 )
 from strata.backbone.load import load_backbone
-from strata.config import LoraSpec
+from strata.config import AdapterSpec
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 
@@ -52,7 +52,7 @@ def batch(test_spec, backbone_dir):
 
 def test_per_side_ranks(backbone) -> None:
     model, _ = backbone
-    peft_model = add_adapter(model, "t1", LoraSpec(visual_rank=4, text_rank=12))
+    peft_model = add_adapter(model, "t1", AdapterSpec(visual_rank=4, text_rank=12))
     shapes = lora_shapes(peft_model, "t1")
     vision = {n: r for n, r in shapes.items() if "vision_tower" in n}
     projector = {n: r for n, r in shapes.items() if "multi_modal_projector" in n}
@@ -66,19 +66,19 @@ def test_per_side_ranks(backbone) -> None:
     # Alpha follows each side's rank: scaling = alpha / r = alpha_ratio on both sides.
     for name, mod in peft_model.named_modules():
         if name in shapes:
-            assert mod.scaling["t1"] == pytest.approx(LoraSpec().alpha_ratio)
+            assert mod.scaling["t1"] == pytest.approx(AdapterSpec().alpha_ratio)
 
 
 def test_visual_rank_larger_than_text_rank(backbone) -> None:
     model, _ = backbone
-    shapes = lora_shapes(add_adapter(model, "t1", LoraSpec(visual_rank=16, text_rank=2)), "t1")
+    shapes = lora_shapes(add_adapter(model, "t1", AdapterSpec(visual_rank=16, text_rank=2)), "t1")
     assert {r for n, r in shapes.items() if "language_model" not in n} == {(16, 16)}
     assert {r for n, r in shapes.items() if "language_model" in n} == {(2, 2)}
 
 
 def test_visual_rank_zero_leaves_vision_side_alone(backbone) -> None:
     model, _ = backbone
-    peft_model = add_adapter(model, "t1", LoraSpec(visual_rank=0, text_rank=4))
+    peft_model = add_adapter(model, "t1", AdapterSpec(visual_rank=0, text_rank=4))
     names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
     assert names and all("language_model" in n for n in names)
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in names)
@@ -86,7 +86,7 @@ def test_visual_rank_zero_leaves_vision_side_alone(backbone) -> None:
 
 def test_text_rank_zero_leaves_language_model_alone(backbone) -> None:
     model, _ = backbone
-    shapes = lora_shapes(add_adapter(model, "t1", LoraSpec(visual_rank=4, text_rank=0)), "t1")
+    shapes = lora_shapes(add_adapter(model, "t1", AdapterSpec(visual_rank=4, text_rank=0)), "t1")
     assert shapes and not any("language_model" in n for n in shapes)
     assert set(shapes.values()) == {(4, 4)}
 
@@ -111,11 +111,11 @@ def test_feature_layer_minus_two_puts_no_lora_on_last_vision_layer(backbone) -> 
     model, _ = backbone
     # LLaVA's usual choice: the last layer never reaches the LM.
     model.config.vision_feature_layer = -2
-    shapes = lora_shapes(add_adapter(model, "t1", LoraSpec(visual_rank=4, text_rank=4)), "t1")
+    shapes = lora_shapes(add_adapter(model, "t1", AdapterSpec(visual_rank=4, text_rank=4)), "t1")
     assert any(".encoder.layers.0." in n for n in shapes)
     assert not any(".encoder.layers.1." in n for n in shapes)
     assert any("multi_modal_projector" in n for n in shapes)
-    cfg = lora_config(LoraSpec(), model.config)
+    cfg = lora_config(AdapterSpec(), model.config)
     assert "layers\\.(0)\\." in cfg.target_modules
 
 
@@ -123,7 +123,7 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_same_logits(
     backbone, test_spec, backbone_dir, batch, tmp_path: Path
 ) -> None:
     model, _ = backbone
-    peft_model = add_adapter(model, "task_a", LoraSpec(visual_rank=4, text_rank=8))
+    peft_model = add_adapter(model, "task_a", AdapterSpec(visual_rank=4, text_rank=8))
     randomise_lora_b(peft_model)
     peft_model.eval()
     dest = save_adapter(peft_model, "task_a", tmp_path / "adapters" / "task_a")
@@ -145,7 +145,7 @@ def test_saved_adapter_loads_with_plain_peft_and_gives_same_logits(
 
 def test_load_adapter_under_a_name(backbone, test_spec, backbone_dir, tmp_path: Path) -> None:
     model, _ = backbone
-    peft_model = add_adapter(model, "task_a", LoraSpec(visual_rank=2, text_rank=4))
+    peft_model = add_adapter(model, "task_a", AdapterSpec(visual_rank=2, text_rank=4))
     randomise_lora_b(peft_model)
     saved = save_adapter(peft_model, "task_a", tmp_path / "a")
     fresh, _ = load_backbone(test_spec, backbone_dir)
@@ -167,7 +167,7 @@ def test_save_adapter_replaces_existing_dir(backbone, tmp_path: Path) -> None:
     dest.mkdir()
     (dest / "stale.bin").write_bytes(b"old")
     (dest / "adapter_config.json").write_text("{}")
-    peft_model = add_adapter(model, "t1", LoraSpec(visual_rank=0, text_rank=3))
+    peft_model = add_adapter(model, "t1", AdapterSpec(visual_rank=0, text_rank=3))
     save_adapter(peft_model, "t1", dest)
     assert not (dest / "stale.bin").exists()
     assert json.loads((dest / "adapter_config.json").read_text())["r"] == 3
@@ -178,8 +178,8 @@ def test_save_adapter_replaces_existing_dir(backbone, tmp_path: Path) -> None:
 
 def test_second_adapter_is_added_next_to_the_first(backbone) -> None:
     model, _ = backbone
-    first = add_adapter(model, "t1", LoraSpec(visual_rank=2, text_rank=2))
-    second = add_adapter(first, "t2", LoraSpec(visual_rank=0, text_rank=6))
+    first = add_adapter(model, "t1", AdapterSpec(visual_rank=2, text_rank=2))
+    second = add_adapter(first, "t2", AdapterSpec(visual_rank=0, text_rank=6))
     assert second is first
     assert second.active_adapter == "t2"
     trainable = [n for n, p in second.named_parameters() if p.requires_grad]
@@ -192,7 +192,7 @@ def test_second_adapter_is_added_next_to_the_first(backbone) -> None:
 def test_invalid_adapter_names_refused(backbone, tmp_path: Path, bad: str) -> None:
     model, _ = backbone
     with pytest.raises(ValueError, match="invalid adapter name"):
-        add_adapter(model, bad, LoraSpec())
+        add_adapter(model, bad, AdapterSpec())
     with pytest.raises(ValueError, match="invalid adapter name"):
         load_adapter(model, tmp_path, bad)
     assert not any("lora_" in n for n, _ in model.named_parameters())

@@ -13,7 +13,7 @@ from strata.adapters.lora import add_adapter
 from strata.backbone.features import pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.backbone.tiny import ensure_builtin
-from strata.config import BackboneSpec, LoraSpec
+from strata.config import BackboneSpec, AdapterSpec
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 
@@ -87,7 +87,7 @@ def test_pooled_features_ignore_adapters(backbone, rows) -> None:
     model, processor = backbone
     enc = encode_table(processor, rows, with_answers=False)
     before = pooled_features(model, processor, enc)
-    peft_model = add_adapter(model, "task_a", LoraSpec(visual_rank=4, text_rank=4))
+    peft_model = add_adapter(model, "task_a", AdapterSpec(visual_rank=4, text_rank=4))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

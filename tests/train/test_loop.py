@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from strata.backbone.load import load_backbone
-from strata.config import LoraSpec, RunConfig, TrainConfig
+from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.strategies import make_strategy
 from strata.strategies.base import Strategy, TaskContext
@@ -22,7 +22,7 @@ from strata.train.driver import install
 from strata.train.loop import step_indices, train_task
 
 
-LORA = LoraSpec(visual_rank=4, text_rank=4)
+LORA = AdapterSpec(visual_rank=4, text_rank=4)
 
 
 def train_rows(task: str) -> pa.Table:
@@ -54,7 +54,7 @@ class Collector:
 
 
 def strategy(name: str) -> Strategy:
-    return make_strategy(name, RunConfig(strategies=(name,), lora=LORA))
+    return make_strategy(name, RunConfig(strategies=(name,), adapter=LORA))
 
 
 def ctx(index: int, name: str, state: Path, seen: tuple[str, ...] = ()) -> TaskContext:
@@ -121,7 +121,7 @@ def test_training_is_reproducible(test_spec, backbone_dir, rows, tmp_path: Path)
 class NoAdapter(Strategy):
     name = "no-adapter"
 
-    def before_task(self, backbone, ctx):
+    def before_task(self, backbone, processor, ctx):
         return backbone
 
 

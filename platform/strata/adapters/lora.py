@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from strata.atomic import replace_dir
-from strata.config import LoraSpec, check_name
+from strata.config import AdapterSpec, check_name
 
 _VISUAL_PROJ = r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
 _PROJECTOR = r"multi_modal_projector\.linear_[12]"
@@ -36,7 +36,7 @@ def visual_targets(config) -> str:
     return rf"vision_tower\.encoder\.layers\.({layers})\..*\.{_VISUAL_PROJ}|{_PROJECTOR}"
 
 
-def lora_config(spec: LoraSpec, model_config) -> LoraConfig:
+def lora_config(spec: AdapterSpec, model_config) -> LoraConfig:
     """A PEFT LoraConfig covering the sides whose rank is non-zero (no LoRA on unused layers)."""
     sides = [s for s, r in ((visual_targets(model_config), spec.visual_rank), (TEXT, spec.text_rank)) if r > 0]
     main_rank = spec.text_rank or spec.visual_rank
@@ -54,7 +54,7 @@ def lora_config(spec: LoraSpec, model_config) -> LoraConfig:
     )
 
 
-def add_adapter(model: torch.nn.Module, name: str, spec: LoraSpec) -> PeftModel:
+def add_adapter(model: torch.nn.Module, name: str, spec: AdapterSpec) -> PeftModel:
     """Add a new trainable adapter `name` (wrapping the backbone in PEFT on first use)."""
     check_name(name, "adapter name")
     if isinstance(model, PeftModel):

@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 
 from strata.data.collate import Encoded, collate
 from strata.eval.scoring import score, scorer_for
@@ -63,10 +64,10 @@ def evaluate_task(
     preds = [""] * len(enc)
     for name in dict.fromkeys(adapter_names):
         idx = [i for i, a in enumerate(adapter_names) if a == name]
-        if name is not None:
+        peft = isinstance(model, PeftModel)  # Strata-kind adapters have one active state
+        if name is not None and peft:
             model.set_adapter(name)
-        bare = name is None and hasattr(model, "disable_adapter")
-        with model.disable_adapter() if bare else contextlib.nullcontext():
+        with model.disable_adapter() if name is None and peft else contextlib.nullcontext():
             out = generate(model, processor, enc.select(idx), batch_size, budget)
         for i, p in zip(idx, out):
             preds[i] = p

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING
 
 from strata.config import STRATEGIES
@@ -13,19 +14,31 @@ if TYPE_CHECKING:
 __all__ = ["STRATEGIES", "make_strategy"]
 
 
+_CLASSES = {  # name -> (module under strata.strategies, class)
+    "seqlora": ("seqlora", "SeqLoRA"),
+    "replay": ("replay", "Replay"),
+    "decoupled": ("decoupled", "Decoupled"),
+    "multitask": ("multitask", "MultiTask"),
+    "ewc": ("ewc", "EWC"),
+    "lwf": ("lwf", "LwF"),
+    "dgg": ("dgg", "DGG"),
+    "mode": ("mode", "MoDE"),
+    "cma": ("cma", "CMA"),
+}
+
+
 def make_strategy(name: str, cfg: RunConfig) -> Strategy:
     """Build a strategy from its name and the run config."""
-    from strata.strategies.decoupled import Decoupled
-    from strata.strategies.multitask import MultiTask
-    from strata.strategies.replay import Replay
-    from strata.strategies.seqlora import SeqLoRA
-
-    if name == "seqlora":
-        return SeqLoRA(lora=cfg.lora)
-    if name == "replay":
-        return Replay(lora=cfg.lora, per_task=cfg.replay_per_task)
-    if name == "decoupled":
-        return Decoupled(lora=cfg.lora)
-    if name == "multitask":
-        return MultiTask(lora=cfg.lora)
-    raise ValueError(f"unknown strategy {name!r}; known: {list(STRATEGIES)}")
+    if name not in _CLASSES:
+        raise ValueError(f"unknown strategy {name!r}; known: {list(STRATEGIES)}")
+    options = {
+        "replay": {"per_task": cfg.replay_per_task},
+        "decoupled": {"opts": cfg.decoupled},
+        "ewc": {"opts": cfg.ewc},
+        "lwf": {"opts": cfg.lwf},
+        "dgg": {"per_task": cfg.replay_per_task, "opts": cfg.dgg},
+        "mode": {"opts": cfg.mode},
+        "cma": {"opts": cfg.cma},
+    }
+    module, cls = _CLASSES[name]
+    return getattr(import_module(f"strata.strategies.{module}"), cls)(adapter=cfg.adapter, **options.get(name, {}))

@@ -1,8 +1,11 @@
 """The hook protocol every continual-learning strategy plugs into.
 
-Worker-side hooks run inside the training loop (on every Ray Train worker); driver-side hooks run
-in the process that orchestrates the stream. The optimizer step, DDP, AMP and reporting stay in
-the loop, never in a strategy. A strategy overrides only the hooks it needs.
+Driver-side hooks run in the process that orchestrates the stream; worker-side hooks run inside
+the training loop on every Ray Train worker. The optimizer step, DDP and reporting stay in the
+loop, never in a strategy. A strategy overrides only the hooks it needs.
+
+A strategy object is its configuration (the dataclass fields) plus, on a worker, whatever
+`before_task` stores on it for the task at hand (a teacher snapshot, θ*, a reference set).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from strata.adapters.lora import add_adapter, load_adapter
-from strata.config import LoraSpec
+from strata.adapters.lora import add_adapter, load_adapter, save_adapter
+from strata.config import AdapterSpec
 
 
 @dataclass(frozen=True)
@@ -26,20 +29,22 @@ class TaskContext:
     seen: tuple[str, ...]  # tasks learned before this one, in order
     train_paths: dict[str, str]  # task -> Parquet path of its train rows, for every task so far
     state_dir: str  # the strategy's own persistent directory
+    seed: int = 0  # the run's seed; strategies derive their own random streams from it
 
     @property
     def adapters_dir(self) -> Path:
-        """Where the strategy's adapters live, one PEFT directory per adapter name."""
+        """Where the strategy's adapters live, one directory per adapter name."""
         return Path(self.state_dir) / "adapters"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Strategy:
     """Base strategy: the defaults describe plain sequential fine-tuning of one shared adapter."""
 
-    lora: LoraSpec = LoraSpec()
+    adapter: AdapterSpec = AdapterSpec()
     name = "base"
     shared = True  # one adapter evolves across tasks (False: one adapter per task)
+    needs_hidden_states = False  # the loop asks the model for hidden states (for `loss`)
 
     # ---- driver side -----------------------------------------------------------------------
     def training_table(self, ctx: TaskContext, current: pa.Table) -> pa.Table:
@@ -47,7 +52,7 @@ class Strategy:
         return current
 
     def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
-        """Update strategy state once the task's adapter is trained and saved."""
+        """Update strategy state once the task's adapter is trained and installed."""
 
     def adapter_name(self, ctx: TaskContext) -> str:
         """The adapter this task trains (and that its checkpoint holds)."""
@@ -57,22 +62,37 @@ class Strategy:
         """Adapter names to load for evaluation after task `ctx`."""
         return ["shared"] if self.shared else [*ctx.seen, ctx.name]
 
+    def load_eval(self, backbone: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
+        """The backbone with every adapter needed to evaluate after task `ctx`, frozen."""
+        model = backbone
+        for name in self.eval_adapters(ctx):
+            model = load_adapter(model, ctx.adapters_dir / name, name)
+        return model
+
     def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
         """Adapter name for each row of `enc` at inference (shared: always the one adapter)."""
         return [self.adapter_name(ctx)] * len(enc)
 
     # ---- worker side -----------------------------------------------------------------------
-    def before_task(self, backbone: torch.nn.Module, ctx: TaskContext) -> torch.nn.Module:
+    def before_task(self, backbone: torch.nn.Module, processor, ctx: TaskContext) -> torch.nn.Module:
         """Wrap the frozen backbone with this task's trainable adapter."""
         name = self.adapter_name(ctx)
         previous = ctx.adapters_dir / name
-        if self.shared and (previous / "adapter_config.json").exists():
+        if self.shared and previous.exists():
             return load_adapter(backbone, previous, name, trainable=True)
-        return add_adapter(backbone, name, self.lora)
+        return add_adapter(backbone, name, self.adapter)
 
-    def loss(self, model: torch.nn.Module, batch: dict, outputs) -> torch.Tensor | None:
+    def loss(self, model: torch.nn.Module, batch: dict, outputs, step: int) -> torch.Tensor | None:
         """Extra loss terms (KD, EWC, ...) added to the task loss; None adds nothing."""
         return None
 
-    def after_backward(self, model: torch.nn.Module, step: int) -> None:
-        """Edit gradients after backward and before clipping and the optimizer step (DGG)."""
+    def after_backward(self, model: torch.nn.Module, params: list[torch.nn.Parameter], step: int) -> None:
+        """Edit the trainable gradients after backward, before clipping and the step (DGG)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Strategy-specific numbers to report with the loss (expert use, injection rate, ...)."""
+        return {}
+
+    def save(self, model: torch.nn.Module, ctx: TaskContext, dest: Path) -> Path:
+        """Write this task's trained adapter (and any side files) to `dest`, atomically."""
+        return save_adapter(model, self.adapter_name(ctx), dest)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from strata.backbone.features import pooled_features
+from strata.config import DecoupledConfig
 from strata.data.collate import encode_table
 from strata.strategies.base import Strategy, TaskContext
 
@@ -23,18 +24,14 @@ ROUTER_FILE = "router.safetensors"
 SHRINKAGE = 0.1  # blend of the covariance toward a scaled identity, so it stays invertible
 
 
-@dataclass(frozen=True)
+@dataclass
 class Decoupled(Strategy):
     """One named adapter per task; inference routes by task name or by prototype (`auto`)."""
 
-    routing: str = "auto"  # "auto" (prototype router) or "name" (the caller names the task)
+    opts: DecoupledConfig = DecoupledConfig()
     prototype_rows: int = 256  # train rows whose features estimate a task's prototype
     name = "decoupled"
     shared = False
-
-    def __post_init__(self) -> None:
-        if self.routing not in ("auto", "name"):
-            raise ValueError(f"decoupled.routing must be 'auto' or 'name', got {self.routing!r}")
 
     def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
         """Add this task's prototype from a sample of its train rows."""
@@ -46,7 +43,7 @@ class Decoupled(Strategy):
     def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
         """Per-row adapter: the named task's own adapter, or the nearest prototype's."""
         router = PrototypeRouter.load(ctx.state_dir)
-        if self.routing == "name" and task in router.names:
+        if self.opts.routing == "name" and task in router.names:
             return [task] * len(enc)
         return router.route(pooled_features(model, processor, enc))
 

@@ -10,7 +10,7 @@ from strata.data.schema import read_table
 from strata.strategies.base import Strategy, TaskContext
 
 
-@dataclass(frozen=True)
+@dataclass
 class MultiTask(Strategy):
     """Keeps training one shared adapter, each time on the union of all tasks' train rows."""
 

@@ -10,7 +10,7 @@ from strata.data.replay import ReplayBuffer
 from strata.strategies.base import Strategy, TaskContext
 
 
-@dataclass(frozen=True)
+@dataclass
 class Replay(Strategy):
     """One shared adapter; earlier tasks' reservoir rows are added to the current task's rows."""
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from strata.strategies.base import Strategy
 
 
-@dataclass(frozen=True)
+@dataclass
 class SeqLoRA(Strategy):
     """Sequential fine-tuning of one shared LoRA adapter: every hook is the default."""
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 import torch.distributed as dist
 
-from strata.adapters.lora import save_adapter, trainable_parameters
+from strata.adapters.lora import trainable_parameters
 from strata.config import TrainConfig
 from strata.data.collate import collate, encode_table
 from strata.strategies.base import Strategy, TaskContext
@@ -55,7 +55,7 @@ def train_task(
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     torch.manual_seed(cfg.seed + ctx.index)
 
-    model = strategy.before_task(backbone, ctx)
+    model = strategy.before_task(backbone, processor, ctx)
     params = trainable_parameters(model)
     if not params:
         raise RuntimeError(f"strategy {strategy.name!r} left no trainable parameters for {ctx.name!r}")
@@ -77,13 +77,14 @@ def train_task(
     loss_ema = float("nan")
     for step, global_idx in enumerate(step_indices(len(enc), cfg, ctx.index), start=1):
         batch = collate(enc.select(global_idx[rank * per_rank : (rank + 1) * per_rank]), pad_id)
-        outputs = train_model(**batch)  # loss: mean CE over answer tokens only
+        # loss: mean CE over answer tokens only
+        outputs = train_model(**batch, output_hidden_states=strategy.needs_hidden_states)
         loss = outputs.loss
-        extra = strategy.loss(model, batch, outputs)
+        extra = strategy.loss(model, batch, outputs, step)
         if extra is not None:
             loss = loss + extra
         loss.backward()
-        strategy.after_backward(model, step)
+        strategy.after_backward(model, params, step)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
@@ -92,7 +93,8 @@ def train_task(
 
         loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
         if step % log_every == 0 or step == cfg.steps:
-            metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": sched.get_last_lr()[0]}
+            metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": sched.get_last_lr()[0],
+                       **strategy.metrics()}
             if rank == 0:
                 print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}", flush=True)
             if step < cfg.steps:
@@ -106,10 +108,11 @@ def train_task(
         "train_seconds": time.time() - started,
         "trainable_params": n_trainable,
         "trainable_pct": 100.0 * n_trainable / n_total,
+        **strategy.metrics(),
     }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
-            ckpt = save_adapter(model, strategy.adapter_name(ctx), Path(tmp) / "adapter")
+            ckpt = strategy.save(model, ctx, Path(tmp) / "adapter")
         report(final, ckpt)
     return final
