@@ -29,7 +29,7 @@ def fail(message: str, code: int = 1) -> None:
 def build_run_config(
     config: Optional[Path], strategies: list[str], tasks: Optional[int], steps: Optional[int],
     out: Optional[str], seed: Optional[int], backbone: Optional[str], workers: Optional[int],
-    data: Optional[str], test_rows: Optional[int],
+    data: Optional[str], test_rows: Optional[int], executor: Optional[str] = None,
 ) -> RunConfig:
     """YAML (if given) first, then flags on top; validation happens in the dataclasses."""
     raw: dict = yaml.safe_load(config.read_text()) or {} if config else {}
@@ -44,6 +44,8 @@ def build_run_config(
         train["steps"] = steps
     if workers is not None:
         train["num_workers"] = workers
+    if executor is not None:
+        train["executor"] = executor
     if seed is not None:
         train.setdefault("seed", seed)
     return from_dict(RunConfig, raw, "run config")
@@ -61,6 +63,7 @@ def run(
     data: Optional[str] = typer.Option(None, help="Directory of <task>.parquet (default: built-in)."),
     test_rows: Optional[int] = typer.Option(None, help="Test rows per built-in task."),
     config: Optional[Path] = typer.Option(None, help="YAML file that fills the run config."),
+    executor: Optional[str] = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
     from strata.data.schema import DatasetError
@@ -68,7 +71,7 @@ def run(
 
     try:
         cfg = build_run_config(
-            config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows
+            config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows, executor
         )
         run_pipeline(cfg, console)
     except (ValueError, FileNotFoundError) as e:

@@ -199,6 +199,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers; DDP over gloo when > 1
     cpus_per_worker: int | None = None  # None: the cluster's CPUs split evenly across workers
     seed: int = 0
+    executor: str = "ray"  # "ray": Ray Train workers; "local": the same loop in this process (1 worker)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "num_workers"):
@@ -213,6 +214,10 @@ class TrainConfig:
             raise ValueError(f"train.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.executor not in ("ray", "local"):
+            raise ValueError(f"train.executor must be 'ray' or 'local', got {self.executor!r}")
+        if self.executor == "local" and self.num_workers != 1:
+            raise ValueError("train.executor 'local' runs one worker; use 'ray' for num_workers > 1")
 
 
 @dataclass(frozen=True)

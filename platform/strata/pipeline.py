@@ -34,7 +34,7 @@ from strata.eval.report import comparison_table, matrix_table
 from strata.eval.scoring import SCORER_VERSION
 from strata.strategies import make_strategy
 from strata.strategies.base import Strategy, TaskContext
-from strata.train.driver import TaskJob, fit_task, init_ray
+from strata.train.driver import TaskJob, fit_local, fit_task, init_ray
 
 _VERSIONED = ("torch", "transformers", "peft", "ray", "pyarrow", "strata")
 
@@ -91,6 +91,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     T = len(tasks)
     R = np.full((T, T), np.nan)
     predictions: list[dict] = []
+    training: list[dict] = []  # the loop's final metrics per task (time, trainable params, ...)
     bar = progress.add_task(f"{name}", total=T)
     for t, task in enumerate(tasks):
         seen = {k: train_paths[k] for k in tasks[: t + 1]}
@@ -99,7 +100,11 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
         rows_path = state_dir / "rows.parquet"
         write_table(strategy.training_table(ctx, own), rows_path)
         job = TaskJob(strategy, ctx, str(rows_path), cfg.train, cfg.backbone, str(backbone_path))
-        fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}")
+        if cfg.train.executor == "local":
+            trained = fit_local(job)
+        else:
+            trained = fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}")
+        training.append({k: v for k, v in trained.items() if isinstance(v, (int, float, str))})
         model, processor = eval_model(cfg, backbone_path, strategy, ctx)
         strategy.after_task(ctx, own, model, processor)
         # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
@@ -113,7 +118,8 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     sizes = [len(tests[t]) for t in tasks]
     matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]  # JSON has no NaN
     metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, "test_sizes": sizes,
-               "base_accuracy": base, "scorer_version": SCORER_VERSION, **summarize(R, sizes, base)}
+               "base_accuracy": base, "scorer_version": SCORER_VERSION, "training": training,
+               **summarize(R, sizes, base)}
     if not strategy.shared:
         routed = [r for r in predictions if r["after_task"] == tasks[-1]]
         metrics["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)
@@ -171,7 +177,8 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
         backbone_path = resolve(cfg.backbone, lambda s, loss: note(
             progress, pre, f"pretraining backbone: step {s}, loss {loss:.3f}", every=(s % 250 == 0)))
         note(progress, pre, f"backbone ready: {backbone_path}", total=1, completed=1)
-        init_ray()
+        if cfg.train.executor == "ray":
+            init_ray()
         # Tiny models generate fastest on one thread (measured: 0.6 s vs 1.6 s per 500 rows).
         torch.set_num_threads(1)
         model, processor = load_backbone(cfg.backbone, backbone_path)

@@ -94,6 +94,25 @@ def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
     return dict(result.metrics or {})
 
 
+def fit_local(job: TaskJob) -> dict:
+    """Train one task in this process with the same loop and install its adapter (no Ray).
+
+    For quick single-machine benchmarks: it skips Ray Train's fixed cost of several seconds per
+    task; everything else (loop, strategy hooks, checkpoint, install) is the Ray path's.
+    """
+    backbone, processor = load_backbone(job.backbone, Path(job.backbone_path))
+    dest = job.ctx.adapters_dir / job.strategy.adapter_name(job.ctx)
+    final: dict = {}
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        if ckpt is not None:
+            install(ckpt, dest)
+            final.update(metrics)
+
+    train_task(backbone, processor, job.strategy, job.ctx, read_table(job.rows_path), job.train, report)
+    return final
+
+
 def install(src: Path, dest: Path) -> None:
     """Copy a finished adapter directory into place atomically (copy aside, then rename)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
