@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-
 from strata.atomic import write_text
 from strata.config import BackboneSpec, CMAConfig, DGGConfig, RunConfig, TrainConfig
 from strata.pipeline import run as run_pipeline

@@ -83,7 +83,7 @@ def read_side(src: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         meta = f.metadata() or {}
         if "strata_adapter" not in meta:
             raise ValueError(f"{path} has no 'strata_adapter' config in its metadata")
-        return json.loads(meta["strata_adapter"]), {k: f.get_tensor(k) for k in f.keys()}
+        return json.loads(meta["strata_adapter"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def load_side_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], src: Path | str = "") -> None:

@@ -10,7 +10,7 @@ A strategy object is its configuration (the dataclass fields) plus, on a worker,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,7 +41,7 @@ class TaskContext:
 class Strategy:
     """Base strategy: the defaults describe plain sequential fine-tuning of one shared adapter."""
 
-    adapter: AdapterSpec = AdapterSpec()
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
     name = "base"
     shared = True  # one adapter evolves across tasks (False: one adapter per task)
     needs_hidden_states = False  # the loop asks the model for hidden states (for `loss`)
