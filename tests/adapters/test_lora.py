@@ -115,7 +115,7 @@ def test_feature_layer_minus_two_puts_no_lora_on_last_vision_layer(backbone) -> 
     assert any(".encoder.layers.0." in n for n in shapes)
     assert not any(".encoder.layers.1." in n for n in shapes)
     assert any("multi_modal_projector" in n for n in shapes)
-    cfg = lora_config(AdapterSpec(), model.config)
+    cfg = lora_config(AdapterSpec(), model)
     assert "layers\\.(0)\\." in cfg.target_modules
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -24,14 +25,37 @@ ROUTER_FILE = "router.safetensors"
 SHRINKAGE = 0.1  # blend of the covariance toward a scaled identity, so it stays invertible
 
 
+def info_nce(visual: torch.Tensor, text: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between row-paired (N, D) visual and text vectors at temperature tau.
+
+    Row i of each is a positive pair; every other row of the batch is a negative.
+    """
+    if visual.shape != text.shape or visual.dim() != 2:
+        raise ValueError(f"visual and text must both be (N, D), got {tuple(visual.shape)} and {tuple(text.shape)}")
+    v, t = F.normalize(visual, dim=-1), F.normalize(text, dim=-1)
+    logits = v @ t.T / tau  # (N, N) cosine similarities
+    target = torch.arange(len(v), device=v.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, L, D) states over the positions where the (B, L) mask is true: (B, D)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
 @dataclass
 class Decoupled(Strategy):
     """One named adapter per task; inference routes by task name or by prototype (`auto`)."""
 
-    opts: DecoupledConfig = DecoupledConfig()
+    opts: DecoupledConfig = field(default_factory=DecoupledConfig)
     prototype_rows: int = 256  # train rows whose features estimate a task's prototype
     name = "decoupled"
     shared = False
+
+    def __post_init__(self) -> None:
+        # The loop returns hidden states only when asked; the alignment term is what needs them.
+        self.needs_hidden_states = self.opts.contrastive
 
     def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
         """Add this task's prototype from a sample of its train rows."""
@@ -39,6 +63,16 @@ class Decoupled(Strategy):
         router = PrototypeRouter.load(ctx.state_dir)
         router.add(ctx.name, pooled_features(model, processor, enc))
         router.save(ctx.state_dir)
+
+    def loss(self, model: torch.nn.Module, batch: dict, outputs, step: int) -> torch.Tensor | None:
+        """Weighted InfoNCE between each row's pooled image and text states (None when off)."""
+        if not self.opts.contrastive:
+            return None
+        hidden = outputs.hidden_states[-1]  # (B, L, D), the LM's last layer
+        image = batch["input_ids"] == model.config.image_token_id  # (B, L)
+        text = batch["attention_mask"].bool() & ~image
+        return self.opts.contrastive_weight * info_nce(masked_mean(hidden, image), masked_mean(hidden, text),
+                                                       self.opts.tau)
 
     def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
         """Per-row adapter: the named task's own adapter, or the nearest prototype's."""

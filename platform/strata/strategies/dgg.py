@@ -1,0 +1,116 @@
+"""DGG, dynamic gradient guidance (seed 004): pull the shared adapter back toward θ* at random steps.
+
+Forgetting is read as the missing gradient of the earlier tasks. The displacement θ − θ*, where
+θ* is the adapter as task t−1 left it, stands in for that gradient. With probability α per
+optimizer step it is added to every trainable gradient, rescaled to the current gradient's norm
+when it is the larger of the two. Replay rows (on by default) add a real, sparse old-task gradient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import torch
+
+from strata.adapters.lora import trainable_parameters
+from strata.config import DGGConfig
+from strata.strategies.base import TaskContext
+from strata.strategies.replay import Replay
+
+
+def global_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+    """One L2 norm over all the tensors together (sqrt of the sum of squares); None counts as zero."""
+    # Under ZeRO each rank holds a shard of the gradients: issue 5 all-reduces this sum of squares.
+    squares = [t.detach().float().pow(2).sum() for t in tensors if t is not None]
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+
+
+def guidance(theta: list[torch.Tensor], anchor: list[torch.Tensor], grads: list[torch.Tensor | None],
+             scaling: bool = True) -> tuple[list[torch.Tensor], float, float]:
+    """ĝ for every trainable tensor, with ‖θ − θ*‖ and ‖∇L‖ (both global over all tensors).
+
+    ĝ = (θ − θ*)·‖∇L‖/‖θ − θ*‖ when ‖θ − θ*‖ > ‖∇L‖ (and scaling is on), else θ − θ*.
+    """
+    if not len(theta) == len(anchor) == len(grads):
+        raise ValueError(f"theta, anchor and grads must line up: {len(theta)}, {len(anchor)}, {len(grads)} tensors")
+    d = [p.detach() - a for p, a in zip(theta, anchor)]
+    d_norm, g_norm = global_norm(d), global_norm(grads)
+    scale = (g_norm / d_norm).item() if scaling and d_norm > g_norm else 1.0
+    return [x * scale for x in d], d_norm.item(), g_norm.item()
+
+
+def draw_seed(seed: int, task_index: int) -> int:
+    """A generator seed that only depends on (run seed, task), so every DDP rank draws alike."""
+    digest = hashlib.sha256(f"dgg:{seed}:{task_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class DGG(Replay):
+    """One shared adapter, replay rows (optional) and Bernoulli(α)-gated guidance toward θ*."""
+
+    opts: DGGConfig = field(default_factory=DGGConfig)
+    name = "dgg"
+
+    def __post_init__(self) -> None:
+        self.anchor: list[torch.Tensor] | None = None  # θ*, aligned with trainable_parameters(model)
+        self.alpha = 0.0
+        self.generator = torch.Generator()
+        self.steps = self.injected = 0
+        self.last_d_norm = self.last_grad_norm = 0.0
+
+    # ---- driver side -----------------------------------------------------------------------
+    def training_table(self, ctx: TaskContext, current: pa.Table) -> pa.Table:
+        """Current rows plus the replay reservoir, or only the current rows for ĝ-only DGG."""
+        return super().training_table(ctx, current) if self.opts.replay else current
+
+    def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
+        """Keep Replay's reservoir of this task's rows (nothing is kept for ĝ-only DGG)."""
+        if self.opts.replay:
+            super().after_task(ctx, train, model, processor)
+
+    # ---- worker side -----------------------------------------------------------------------
+    def before_task(self, backbone: torch.nn.Module, processor, ctx: TaskContext) -> torch.nn.Module:
+        """Load the previous shared adapter trainable; it is θ* for this task."""
+        model = super().before_task(backbone, processor, ctx)
+        self.begin(model, ctx)
+        return model
+
+    def begin(self, model: torch.nn.Module, ctx: TaskContext) -> None:
+        """Reset the per-task state: θ* (none on task 0), α, the Bernoulli stream and the counters."""
+        # θ* is exactly the loaded state: no averaging, it already targets the joint optimum of 1..t-1.
+        self.anchor = [p.detach().clone() for p in trainable_parameters(model)] if ctx.index > 0 else None
+        self.alpha = self.opts.alpha_for(ctx.index)
+        self.generator = torch.Generator().manual_seed(draw_seed(ctx.seed, ctx.index))
+        self.steps = self.injected = 0
+        self.last_d_norm = self.last_grad_norm = 0.0
+
+    def draw(self) -> bool:
+        """One Bernoulli(α) draw from this task's generator."""
+        return bool(torch.rand((), generator=self.generator).item() < self.alpha)
+
+    def after_backward(self, model: torch.nn.Module, params: list[torch.nn.Parameter], step: int) -> None:
+        """With probability α (always, without Bernoulli) add ĝ to every trainable gradient."""
+        self.steps += 1
+        # Draw on every step, used or not, so the stream stays one draw per optimizer step on every rank.
+        inject = self.draw() or not self.opts.bernoulli
+        if self.anchor is None or not inject:
+            return
+        grads = [p.grad for p in params]  # None where a param took no part in this batch's loss
+        g_hat, self.last_d_norm, self.last_grad_norm = guidance(params, self.anchor, grads, self.opts.scaling)
+        for p, g in zip(params, g_hat):
+            if p.grad is None:
+                p.grad = g.to(p.dtype).clone()
+            else:
+                p.grad.add_(g.to(p.grad.dtype))
+        self.injected += 1
+
+    def metrics(self) -> dict[str, float]:
+        """Injection rate on this task so far, and the last ‖θ − θ*‖ and ‖∇L‖ used for ĝ."""
+        return {
+            "dgg/injection_rate": self.injected / max(self.steps, 1),
+            "dgg/d_norm": self.last_d_norm,
+            "dgg/grad_norm": self.last_grad_norm,
+        }

@@ -1,0 +1,213 @@
+"""CMA: the freeze rule on hand-made counts, each loss term on hand tensors, and the key property on
+the test backbone: experts frozen after task 0 leave the optimizer and stay bit-identical through task 1."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from strata.adapters import cross_modal_moe as cma
+from strata.adapters.custom import adapter_parameters, read_side
+from strata.adapters.lora import trainable_parameters
+from strata.backbone.load import load_backbone
+from strata.config import CMAConfig, RunConfig, TrainConfig
+from strata.data.benchmark import generate_task
+from strata.data.replay import ReplayBuffer
+from strata.strategies import make_strategy
+from strata.strategies.base import TaskContext
+from strata.strategies.cma import (
+    CMA,
+    FREEZE_FILE,
+    USAGE_FILE,
+    alignment_loss,
+    preservation_loss,
+    read_masks,
+    update_masks,
+)
+from strata.train.driver import install
+from strata.train.loop import train_task
+
+OPTS = CMAConfig(blocks=2, experts=6, top_k=2, hidden=8, freeze_threshold=0.1, memory=8, memory_batch=4)
+TRAIN = TrainConfig(steps=6, batch_size=4, lr=1e-2, weight_decay=0.1)
+
+
+class Collector:
+    """A reporter that keeps every report and installs the final checkpoint where the driver would."""
+
+    def __init__(self, install_to: Path | None = None) -> None:
+        self.reports: list[dict] = []
+        self.install_to = install_to
+
+    def __call__(self, metrics: dict, ckpt: Path | None) -> None:
+        if ckpt is not None and self.install_to is not None:
+            install(ckpt, self.install_to)
+        self.reports.append(dict(metrics))
+
+
+def train_rows(task: str) -> pa.Table:
+    table = generate_task(task, 0, n_train=12, n_val=1, n_test=1)
+    return table.filter(pc.equal(table["split"], "train"))
+
+
+def ctx(index: int, name: str, state: Path, seen: tuple[str, ...] = ()) -> TaskContext:
+    return TaskContext(index, name, seen, {}, str(state), seed=0)
+
+
+# ---- freeze rule ---------------------------------------------------------------------------------
+
+def test_update_masks_freezes_busy_experts_and_keeps_earlier_freezes() -> None:
+    # Shares 0.5, 0.3, 0.1, 0.1, 0.0: only strictly above 0.1 freezes.
+    first = update_masks({"L": torch.tensor([50.0, 30.0, 10.0, 10.0, 0.0])}, {}, 0.1, enabled=True)
+    assert first == {"L": [True, True, False, False, False]}
+    # A later task that uses other experts adds to the frozen set; nothing ever thaws.
+    second = update_masks({"L": torch.tensor([0.0, 0.0, 1.0, 0.0, 9.0])}, first, 0.1, enabled=True)
+    assert second == {"L": [True, True, False, False, True]}
+    assert first == {"L": [True, True, False, False, False]}  # the input is not modified
+    # The no-freezing ablation never freezes, but keeps what an earlier run froze.
+    assert update_masks({"L": torch.tensor([9.0, 1.0, 0.0, 0.0, 0.0])}, {}, 0.1, enabled=False) == \
+        {"L": [False] * 5}
+    with pytest.raises(ValueError, match="freeze mask of 4"):
+        update_masks({"L": torch.ones(5)}, {"L": [False] * 4}, 0.1, enabled=True)
+
+
+# ---- loss terms ----------------------------------------------------------------------------------
+
+def test_alignment_is_lower_when_modalities_match_the_joint() -> None:
+    joint = torch.eye(4, dtype=torch.float64)
+    aligned = alignment_loss(joint.clone(), joint.clone(), joint)
+    shuffled = alignment_loss(joint[[1, 2, 3, 0]], joint[[3, 0, 1, 2]], joint)
+    assert aligned.item() < 0.01
+    assert shuffled.item() > 5
+    # Each modality counts half: one aligned and one shuffled sit halfway.
+    half = alignment_loss(joint.clone(), joint[[3, 0, 1, 2]], joint)
+    assert half.item() == pytest.approx((aligned.item() + shuffled.item()) / 2)
+
+
+def test_preservation_is_zero_when_old_equals_new_and_grows_with_the_change() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    assert preservation_loss(z, z.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-12)
+    assert preservation_loss(z, 3.0 * z, 2.0).item() == pytest.approx(0.0, abs=1e-12)  # cosine ignores scale
+    small = preservation_loss(z, z + 0.1 * torch.randn(6, 5, generator=gen, dtype=torch.float64), 0.5)
+    large = preservation_loss(z, torch.randn(6, 5, generator=gen, dtype=torch.float64), 0.5)
+    assert 0 < small.item() < large.item()
+    # By hand for two samples: each row has a single "other" sample, so its distribution is trivially 1.
+    assert preservation_loss(z[:2], torch.randn(2, 5, dtype=torch.float64), 0.5).item() == pytest.approx(0.0)
+    # Three samples, old relation uniform, new one not: KL(uniform ‖ q) averaged over rows.
+    old = torch.tensor([[1.0, 0.0], [-0.5, math.sqrt(3) / 2], [-0.5, -math.sqrt(3) / 2]], dtype=torch.float64)
+    new = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    tau = 1.0
+    expected = 0.0
+    sims = new @ new.T
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        e = [math.exp(sims[i, j].item() / tau) for j in others]
+        expected += sum(0.5 * math.log(0.5 / (x / sum(e))) for x in e) / 3
+    assert preservation_loss(old, new, tau).item() == pytest.approx(expected, rel=1e-9)
+    assert preservation_loss(z[:1], z[:1], 2.0).item() == 0.0
+    with pytest.raises(ValueError, match="must both be"):
+        preservation_loss(z, z[:3], 2.0)
+
+
+# ---- the key property: frozen experts are bit-identical after the next task -----------------------
+
+def expert_weights(tensors: dict[str, torch.Tensor], layer: str, expert: int) -> dict[str, torch.Tensor]:
+    prefix = f"{layer}.experts.{expert}."
+    return {k: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec, backbone_dir,
+                                                                        tmp_path: Path) -> None:
+    strategy = make_strategy("cma", RunConfig(strategies=("cma",), cma=OPTS))
+    assert isinstance(strategy, CMA) and strategy.opts == OPTS
+    state = tmp_path / "state"
+    rows = {t: train_rows(t) for t in ("colour", "shape")}
+
+    # Task 0: train, install, then the driver's after_task on the installed adapter.
+    c0 = ctx(0, "colour", state)
+    shared = c0.adapters_dir / "shared"
+    model, processor = load_backbone(test_spec, backbone_dir)
+    first = train_task(model, processor, strategy, c0, rows["colour"], TRAIN, Collector(shared))
+    assert "cma/loss/distill" not in first and "cma/loss/preserve" not in first  # no previous model at t=0
+    assert math.isfinite(first["cma/loss/align"]) and first["cma/frozen_experts"] == 0
+    eval_model, eval_processor = load_backbone(test_spec, backbone_dir)
+    strategy.after_task(c0, rows["colour"], strategy.load_eval(eval_model, c0), eval_processor)
+
+    masks = read_masks(state)
+    counts = cma.read_counts(shared)
+    assert set(masks) == set(counts) == {"model.language_model.layers.0", "model.language_model.layers.1"}
+    for layer, c in counts.items():
+        assert masks[layer] == (cma.shares(c) > OPTS.freeze_threshold).tolist()
+    frozen = [(layer, e) for layer, mask in masks.items() for e, f in enumerate(mask) if f]
+    free = [(layer, e) for layer, mask in masks.items() for e, f in enumerate(mask) if not f]
+    assert frozen and free  # top-2 of 6 experts: some are busy, some are not
+    usage = [json.loads(line) for line in (state / USAGE_FILE).read_text().splitlines()]
+    assert [u["task"] for u in usage] == ["colour", "colour"]
+    assert all(sum(u["shares"]) == pytest.approx(1.0) for u in usage)
+    assert ReplayBuffer(state / "memory").rows().num_rows == OPTS.memory
+    after_task0 = {k: v.clone() for k, v in read_side(shared)[1].items()}
+    kept = tmp_path / "task0"
+    shutil.copytree(shared, kept)
+
+    # Task 1 on a fresh backbone, as a worker would; weight decay would move anything left in AdamW.
+    c1 = ctx(1, "shape", state, seen=("colour",))
+    model, processor = load_backbone(test_spec, backbone_dir)
+    second = train_task(model, processor, strategy, c1, rows["shape"], TRAIN, Collector(shared))
+    assert second["cma/frozen_experts"] == len(frozen)
+    for term in ("align", "distill", "preserve"):
+        assert math.isfinite(second[f"cma/loss/{term}"])
+    assert second["cma/loss/distill"] > 0  # the adapter moved away from the previous one on memory rows
+
+    # `model` is the backbone the loop trained: its trainable params are exactly what AdamW was given.
+    layers = cma.moe_layers(model)
+    in_optimizer = {id(p) for p in trainable_parameters(model)}
+    for layer, e in frozen:
+        assert all(not p.requires_grad and id(p) not in in_optimizer for p in layers[layer].experts[e].parameters())
+    after_task1 = read_side(shared)[1]
+    for layer, e in frozen:
+        old, new = expert_weights(after_task0, layer, e), expert_weights(after_task1, layer, e)
+        assert old and all(torch.equal(old[k], new[k]) for k in old), (layer, e)
+    changed = [(layer, e) for layer, e in free
+               if any(not torch.equal(v, after_task1[k]) for k, v in expert_weights(after_task0, layer, e).items())]
+    assert changed
+
+    # Control: the same task without freezing moves the busy experts (so the check above can fail).
+    shutil.rmtree(shared)
+    shutil.copytree(kept, shared)
+    thawed = CMA(opts=replace(OPTS, freeze=False))
+    model, processor = load_backbone(test_spec, backbone_dir)
+    train_task(model, processor, thawed, c1, rows["shape"], TRAIN, Collector())
+    trained = {k: p.detach() for k, p in adapter_parameters(model).items()}
+    moved = [(layer, e) for layer, e in frozen
+             if any(not torch.equal(v, trained[k]) for k, v in expert_weights(after_task0, layer, e).items())]
+    assert moved
+
+    # after_task of task 1: masks are a union, memory is split evenly, both tasks are logged.
+    strategy.after_task(c1, rows["shape"], strategy.load_eval(load_backbone(test_spec, backbone_dir)[0], c1),
+                        processor)
+    later = read_masks(state)
+    assert all(a <= b for layer in masks for a, b in zip(masks[layer], later[layer]))
+    assert json.loads((state / FREEZE_FILE).read_text())["after"] == "shape"
+    memory = ReplayBuffer(state / "memory")
+    assert memory.tasks() == ["colour", "shape"]
+    assert memory.rows().num_rows == OPTS.memory  # 4 + 4
+    assert len((state / USAGE_FILE).read_text().splitlines()) == 4
+
+
+def test_no_freeze_ablation_never_freezes(test_spec, backbone_dir, tmp_path: Path) -> None:
+    strategy = CMA(opts=replace(OPTS, freeze=False))
+    c0 = ctx(0, "colour", tmp_path)
+    model, processor = load_backbone(test_spec, backbone_dir)
+    train_task(model, processor, strategy, c0, train_rows("colour"), replace(TRAIN, steps=2),
+               Collector(c0.adapters_dir / "shared"))
+    strategy.after_task(c0, train_rows("colour"), strategy.load_eval(load_backbone(test_spec, backbone_dir)[0], c0),
+                        processor)
+    masks = read_masks(tmp_path)
+    assert masks and not any(any(m) for m in masks.values())

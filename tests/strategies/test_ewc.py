@@ -1,0 +1,129 @@
+"""EWC: the penalty against a hand computation, the Fisher on the real test backbone (non-negative,
+non-zero, accumulated over tasks, names matching the training model) and the state file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from strata.backbone.load import load_backbone
+from strata.config import AdapterSpec, EWCConfig, TrainConfig
+from strata.data.benchmark import generate_task
+from strata.strategies.base import TaskContext
+from strata.strategies.ewc import EWC, STATE_FILE, ewc_penalty, load_state, save_state
+from strata.train.driver import install
+from strata.train.loop import train_task
+
+LORA = AdapterSpec(visual_rank=4, text_rank=4)
+
+
+def ctx(index: int, state: Path, name: str = "colour") -> TaskContext:
+    return TaskContext(index, name, (), {}, str(state))
+
+
+def test_penalty_matches_hand_computation() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    params = dict(model.named_parameters())
+    theta_old = {n: p.detach().clone() for n, p in params.items()}
+    fisher = {"weight": torch.tensor([[2.0, 0.5]]), "bias": torch.tensor([4.0])}
+
+    at_old = ewc_penalty(params, fisher, theta_old, weight=3.0)
+    at_old.backward()
+    assert at_old.item() == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params.values())
+
+    model.zero_grad()
+    with torch.no_grad():
+        model.weight += torch.tensor([[1.0, -2.0]])
+        model.bias += torch.tensor([0.5])
+    penalty = ewc_penalty(params, fisher, theta_old, weight=3.0)
+    penalty.backward()
+    # 3/2 * (2·1² + 0.5·(−2)² + 4·0.5²) = 1.5 * 5 = 7.5; gradient = 3·F·(θ − θ_old)
+    assert penalty.item() == pytest.approx(7.5)
+    torch.testing.assert_close(model.weight.grad, torch.tensor([[6.0, -3.0]]))
+    torch.testing.assert_close(model.bias.grad, torch.tensor([6.0]))
+
+
+def test_penalty_refuses_names_that_do_not_line_up() -> None:
+    params = dict(torch.nn.Linear(2, 1).named_parameters())
+    fisher = {"weight": torch.ones(1, 2)}
+    with pytest.raises(ValueError, match="do not line up.*bias"):
+        ewc_penalty(params, fisher, {n: p.detach() for n, p in params.items()}, 1.0)
+
+
+def test_state_file_round_trip(tmp_path: Path) -> None:
+    fisher = {"base_model.model.a.lora_A.shared.weight": torch.rand(3, 2), "b.lora_B.shared.weight": torch.rand(2)}
+    theta = {k: torch.randn_like(v) for k, v in fisher.items()}
+    path = save_state(tmp_path, fisher, theta)
+    assert path == tmp_path / STATE_FILE
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]  # no temp file left behind
+    loaded_fisher, loaded_theta = load_state(tmp_path)
+    assert loaded_fisher.keys() == fisher.keys() and loaded_theta.keys() == theta.keys()
+    assert all(torch.equal(loaded_fisher[k], fisher[k]) and torch.equal(loaded_theta[k], theta[k]) for k in fisher)
+    assert load_state(tmp_path / "empty") is None
+
+
+def train_rows(task: str) -> pa.Table:
+    table = generate_task(task, 0, n_train=16, n_val=0, n_test=0)
+    return table.filter(pc.equal(table["split"], "train"))
+
+
+def install_only(dest: Path):
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        if ckpt is not None:
+            install(ckpt, dest)
+    return report
+
+
+def test_fisher_on_the_test_backbone(test_spec, backbone_dir, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    ewc = EWC(adapter=LORA, opts=EWCConfig(weight=10.0, fisher_rows=8, fisher_batch=4))
+    first = ctx(0, state)
+    rows = train_rows("colour")
+    model, processor = load_backbone(test_spec, backbone_dir)
+    train_task(model, processor, ewc, first, rows, TrainConfig(steps=4, batch_size=4, lr=5e-3),
+               install_only(first.adapters_dir / "shared"))
+    trainable = set(ewc.params)  # the training model's trainable names (set in before_task)
+
+    # Driver side: the installed adapter on a fresh, frozen backbone, as the pipeline passes it.
+    eval_model = ewc.load_eval(load_backbone(test_spec, backbone_dir)[0], first)
+    ewc.after_task(first, rows, eval_model, processor)
+    fisher, theta = load_state(state)
+    assert fisher.keys() == theta.keys() == trainable  # the names line up with the training model
+    assert all(bool((f >= 0).all()) for f in fisher.values())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0
+    assert any("vision_tower" in n and float(f.sum()) > 0 for n, f in fisher.items())
+    params = dict(eval_model.named_parameters())
+    assert all(torch.equal(theta[n], params[n]) for n in theta)
+    assert not any(p.requires_grad or p.grad is not None for p in eval_model.parameters())  # restored
+
+    # A second task adds its Fisher to the stored one (same model and rows here: exactly twice).
+    ewc.after_task(ctx(1, state, "shape"), rows, eval_model, processor)
+    doubled, _ = load_state(state)
+    assert all(torch.equal(doubled[n], 2 * fisher[n]) for n in fisher)
+
+    # Worker side of the next task: zero penalty at θ_old, positive and adapter-only once θ moves.
+    train_model = ewc.before_task(load_backbone(test_spec, backbone_dir)[0], processor, ctx(1, state, "shape"))
+    assert ewc.loss(train_model, {}, None, 1).item() == 0.0
+    with torch.no_grad():
+        for n, p in train_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    penalty = ewc.loss(train_model, {}, None, 1)
+    assert penalty.item() > 0
+    penalty.backward()
+    grads = [n for n, p in train_model.named_parameters() if p.grad is not None]
+    assert set(grads) == trainable
+
+
+def test_first_task_has_no_penalty_and_bad_state_is_refused(test_spec, backbone_dir, tmp_path: Path) -> None:
+    ewc = EWC(adapter=LORA)
+    model = ewc.before_task(*load_backbone(test_spec, backbone_dir), ctx(0, tmp_path))
+    assert ewc.loss(model, {}, None, 1) is None
+    save_state(tmp_path, {"not.a.param": torch.ones(1)}, {"not.a.param": torch.ones(1)})
+    with pytest.raises(ValueError, match="do not line up"):
+        ewc.before_task(*load_backbone(test_spec, backbone_dir), ctx(1, tmp_path, "shape"))
