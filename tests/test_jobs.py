@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,29 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_head(env: dict, tmp: str) -> str:
+    """`ray start --head` on fresh ports; returns the dashboard address or fails with Ray's own output."""
+    # With token auth, `ray start` refuses to run until a token exists; a fresh machine has none.
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    dashboard = free_port()
+    proc = subprocess.run(
+        [RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}", f"--temp-dir={tmp}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"ray start --head failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return f"http://127.0.0.1:{dashboard}"
+
+
 @pytest.fixture(scope="module")
 def head_node():
     """A one-node cluster with the dashboard (job submission needs it) on loopback."""
@@ -25,13 +49,8 @@ def head_node():
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-    port = "8297"
-    subprocess.run(
-        [RAY, "start", "--head", "--num-cpus=2", f"--temp-dir={tmp}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={port}", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )
-    yield env, f"http://127.0.0.1:{port}"
+    address = start_head(env, tmp)
+    yield env, address
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(tmp, ignore_errors=True)
 
