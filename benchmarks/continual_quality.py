@@ -10,9 +10,10 @@ Suites (each row is one strategy configuration; every run goes through `strata.p
   cma       CMA with and without expert freezing; 4 tasks
   conflict  MoDE vs the modality-coupled MoE-LoRA: cosine of grad L_text and grad L_image
 
-Resumable: each (configuration, seed) writes <results>/runs/<suite>/<label>/seed<k>.json and is
-skipped when that file exists. Training runs in-process (`train.executor=local`: the same loop,
-without Ray Train's fixed cost per task). The summary goes to <results>/continual_quality.json, a
+Resumable: each (configuration, seed) runs in its own Python process (so its peak RSS is its own),
+writes <results>/runs/<suite>/<label>/seed<k>.json, and is skipped when that file exists. Training
+runs in that process (`train.executor=local`: the same loop, without Ray Train's fixed cost per
+task). Extra memory is a run's peak RSS minus SeqLoRA's on the same seed and stream length. The summary goes to <results>/continual_quality.json, a
 plot next to it, and a markdown table between the markers in BENCHMARKS.md.
 """
 
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -31,6 +34,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
 from strata.atomic import write_text
 from strata.config import BackboneSpec, CMAConfig, DGGConfig, RunConfig, TrainConfig
 from strata.pipeline import run as run_pipeline
@@ -85,18 +89,34 @@ def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int,
         "adapter_kb": dir_kb(state / "adapters"),
         "extra_state_kb": dir_kb(state) - dir_kb(state / "adapters"),
         "config_hash": cfg.hash(),
+        # Linux reports ru_maxrss in KiB; this process ran nothing but this one configuration.
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def aggregate(rows: list[dict], multitask_faa: dict[int, float]) -> dict:
-    """Mean and standard deviation over seeds, plus the FAA gap to MultiTask on the same seeds."""
-    agg: dict = {"seeds": sorted(r["seed"] for r in rows), "strategy": rows[0]["strategy"]}
-    for key in (*METRICS, "trainable_params", "train_seconds", "wall_seconds", "adapter_kb", "extra_state_kb"):
+def baseline(raw: dict, strategy: str, key: str) -> dict[tuple[int, int], float]:
+    """(stream length, seed) -> `key` of the main suite's run of `strategy`."""
+    return {(len(r["tasks"]), r["seed"]): r[key] for r in raw.get("main", {}).get(strategy, []) if r.get(key)}
+
+
+def paired(rows: list[dict], key: str, base: dict[tuple[int, int], float]) -> float | None:
+    """Mean of row[key] − base on the same (stream length, seed), or None when no pair exists."""
+    diffs = [r[key] - base[(len(r["tasks"]), r["seed"])] for r in rows
+             if r.get(key) is not None and (len(r["tasks"]), r["seed"]) in base]
+    return statistics.fmean(diffs) if diffs else None
+
+
+def aggregate(rows: list[dict], raw: dict) -> dict:
+    """Mean and standard deviation over seeds, the FAA gap to MultiTask and the RSS over SeqLoRA (paired)."""
+    agg: dict = {"seeds": sorted(r["seed"] for r in rows), "strategy": rows[0]["strategy"],
+                 "tasks": len(rows[0]["tasks"])}
+    for key in (*METRICS, "trainable_params", "train_seconds", "wall_seconds", "adapter_kb", "extra_state_kb",
+                "peak_rss_mb"):
         values = [float(r[key]) for r in rows if r.get(key) is not None]
         agg[key] = statistics.fmean(values) if values else None
         agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    gaps = [r["faa"] - multitask_faa[r["seed"]] for r in rows if r["seed"] in multitask_faa]
-    agg["gap_to_multitask"] = statistics.fmean(gaps) if gaps else None
+    agg["gap_to_multitask"] = paired(rows, "faa", baseline(raw, "multitask", "faa"))
+    agg["extra_rss_mb"] = paired(rows, "peak_rss_mb", baseline(raw, "seqlora", "peak_rss_mb"))
     return agg
 
 
@@ -112,28 +132,33 @@ COLUMNS = [("FAA", "faa"), ("MFN", "mfn"), ("MAA", "maa"), ("BWT", "bwt"), ("F",
            ("gap to MT", "gap_to_multitask")]
 
 
+def num(value: float | None, pattern: str) -> str:
+    """`value` formatted, or a dash when it is missing."""
+    return "—" if value is None else format(value, pattern)
+
+
 def table_rows(summary: dict) -> list[list[str]]:
     """One row per (suite, configuration) with the quality and cost columns."""
     rows = []
     for suite, configs in summary.items():
         for label, agg in configs.items():
-            cost = [f"{agg['trainable_params']:,.0f}" if agg.get("trainable_params") else "—",
-                    f"{agg['extra_state_kb']:.0f}" if agg.get("extra_state_kb") is not None else "—",
-                    f"{agg['wall_seconds']:.0f}" if agg.get("wall_seconds") else "—"]
-            rows.append([suite, label, str(len(agg["seeds"])), *(fmt(agg, k) for _, k in COLUMNS), *cost])
+            cost = [num(agg.get("trainable_params"), ",.0f"), num(agg.get("extra_state_kb"), ".0f"),
+                    num(agg.get("extra_rss_mb"), "+.0f"), num(agg.get("wall_seconds"), ".0f")]
+            rows.append([suite, label, str(agg["tasks"]), str(len(agg["seeds"])),
+                         *(fmt(agg, k) for _, k in COLUMNS), *cost])
     return rows
 
 
-HEADERS = ["suite", "configuration", "seeds", *(h for h, _ in COLUMNS), "trainable params", "extra state KB",
-           "wall s"]
+HEADERS = ["suite", "configuration", "tasks", "seeds", *(h for h, _ in COLUMNS), "trainable params",
+           "state on disk KB", "peak RSS vs SeqLoRA MB", "wall s"]
 
 
-def markdown(summary: dict, command: str) -> str:
-    """The BENCHMARKS.md block: the command and one table."""
+def markdown(summary: dict, command: str, conflict: list[str]) -> str:
+    """The BENCHMARKS.md block: the command, the quality table and the conflict table."""
     lines = [BEGIN, f"Command: `{command}`", "", "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
-    return "\n".join([*lines, END])
+    return "\n".join([*lines, *conflict, END])
 
 
 def update_benchmarks_md(path: Path, block: str) -> None:
@@ -148,10 +173,9 @@ def update_benchmarks_md(path: Path, block: str) -> None:
 
 def plot(summary: dict, path: Path) -> None:
     """FAA and forgetting per configuration, one panel per suite."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from strata.eval.plots import save_figure  # selects the headless backend
 
     fig, axes = plt.subplots(1, len(summary), figsize=(5 * len(summary), 4), squeeze=False)
     for ax, (suite, configs) in zip(axes[0], summary.items()):
@@ -165,11 +189,12 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_title(suite)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def run_conflict(base: RunConfig, seeds: list[int], results: Path, console: Console) -> dict:
+def run_conflict(base: RunConfig, seeds: list[int], results: Path, steps: int, console: Console) -> dict:
     """The gradient-conflict probe for MoDE and the coupled MoE-LoRA, per seed (resumable)."""
     from strata.backbone.load import resolve
     from strata.data.benchmark import generate_task
@@ -180,15 +205,42 @@ def run_conflict(base: RunConfig, seeds: list[int], results: Path, console: Cons
         path = results / "runs" / "conflict" / f"seed{seed}.json"
         if not path.exists():
             table = generate_task("colour", seed, n_train=64, n_val=0, n_test=0)
-            report = probe(base.backbone, resolve(base.backbone), table, base.mode, steps=20, seed=seed)
+            report = probe(base.backbone, resolve(base.backbone), table, base.mode, steps=steps, seed=seed)
             write_text(path, json.dumps(report, indent=2, default=float))
         reports[seed] = json.loads(path.read_text())
         console.log(f"conflict probe seed {seed}: done")
     return reports
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the selected suites (resumably), then print and save the summary."""
+def mean_conflict(reports: dict) -> dict:
+    """The probe reports averaged over seeds, field by field, in the shape `conflict_table` reads."""
+    first = next(iter(reports.values()))
+    out = {"setup": {**first["setup"], "seeds": sorted(reports)}}
+    for kind in ("mode", "coupled"):
+        groups = {}
+        for group, fields in first[kind]["groups"].items():
+            groups[group] = {k: (statistics.fmean(r[kind]["groups"][group][k] for r in reports.values())
+                                 if isinstance(v, (int, float)) else v) for k, v in fields.items()}
+        out[kind] = {"kind": kind, "groups": groups}
+    return out
+
+
+def conflict_markdown(mean: dict) -> list[str]:
+    """Markdown rows of the seed-averaged probe: one per kind and parameter group."""
+    lines = ["", f"Gradient conflict (MoDE vs coupled MoE-LoRA), mean over seeds {mean['setup']['seeds']}, "
+             f"after {mean['setup']['steps']} training steps, on {mean['setup']['rows']} rows:", "",
+             "| kind | group | tensors with both | cos mean | cos min | cos max | share < 0 | "
+             "‖∇L_text‖ | ‖∇L_image‖ | other/own ratio |", "|" + "---|" * 10]
+    for kind in ("mode", "coupled"):
+        for group, g in mean[kind]["groups"].items():
+            lines.append(f"| {kind} | {group} | {g['both']:.0f}/{g['params']:.0f} | {g['cos_mean']:.3f} | "
+                         f"{g['cos_min']:.3f} | {g['cos_max']:.3f} | {g['frac_negative']:.2f} | "
+                         f"{g['norm_text']:.3g} | {g['norm_image']:.3g} | {g['cross_ratio']:.3g} |")
+    return lines
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="append", choices=("main", "dgg", "cma", "conflict"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -198,9 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "continual_quality")
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--smoke-test", action="store_true", help="test backbone, 2 tasks, 4 steps: plumbing only")
-    args = p.parse_args(argv)
-    console = Console()
-    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    p.add_argument("--one", nargs=3, metavar=("SUITE", "LABEL", "SEED"), help=argparse.SUPPRESS)  # a child run
+    return p.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> tuple[RunConfig, dict]:
+    """The base run config and the plan of suites for these arguments."""
     backbone = BackboneSpec("builtin:test" if args.smoke_test else "builtin:tiny")
     steps, test_rows = (4, 16) if args.smoke_test else (args.steps, args.test_rows)
     base = RunConfig(strategies=("seqlora",), backbone=backbone, n_test=test_rows,
@@ -211,42 +266,70 @@ def main(argv: list[str] | None = None) -> None:
     plan = suites(2 if args.smoke_test else args.main_tasks)
     if args.smoke_test:
         plan = {s: [(label, 2, o) for label, _, o in configs] for s, configs in plan.items()}
+    return base, plan
+
+
+def run_child(args: argparse.Namespace, base: RunConfig, plan: dict) -> None:
+    """`--one SUITE LABEL SEED`: run one configuration in this fresh process and write its JSON."""
+    suite, label, seed = args.one[0], args.one[1], int(args.one[2])
+    (tasks, overrides), = [(t, o) for lab, t, o in plan[suite] if lab == label]
+    row = run_one(base, label, tasks, overrides, seed, args.results / "work")
+    write_text(args.results / "runs" / suite / label / f"seed{seed}.json", json.dumps(row, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the selected suites (resumably, one process per run), then print and save the summary."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    torch.set_num_threads(1)  # tiny models run fastest on one thread
+    base, plan = setup(args)
+    if args.one:
+        return run_child(args, base, plan)
+    console = Console()
     chosen = args.suite or ["main", "dgg", "cma", "conflict"]
-    work = args.results / "work"
-    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/continual_quality.py", *(argv or sys.argv[1:])])
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/continual_quality.py", *argv])
 
     raw: dict[str, dict[str, list[dict]]] = {}
     for suite in [s for s in chosen if s in plan]:
-        for label, tasks, overrides in plan[suite]:
+        for label, tasks, _ in plan[suite]:
             for seed in args.seeds:
                 path = args.results / "runs" / suite / label / f"seed{seed}.json"
                 if not path.exists():
                     console.log(f"{suite}/{label} seed {seed}: {tasks} tasks …")
-                    row = run_one(base, label, tasks, overrides, seed, work)
-                    write_text(path, json.dumps(row, indent=2))
+                    child = [sys.executable, __file__, *argv, "--one", suite, label, str(seed)]
+                    if subprocess.run(child).returncode != 0:
+                        raise SystemExit(f"{suite}/{label} seed {seed} failed; finished runs are kept, rerun to resume")
+                    row = json.loads(path.read_text())
                     console.log(f"{suite}/{label} seed {seed}: FAA {row['faa']:.1f}, F {row['forgetting']:.1f}, "
-                                f"{row['wall_seconds']:.0f} s")
+                                f"{row['wall_seconds']:.0f} s, peak RSS {row['peak_rss_mb']:.0f} MB")
                 raw.setdefault(suite, {}).setdefault(label, []).append(json.loads(path.read_text()))
 
-    multitask = {r["seed"]: r["faa"] for r in raw.get("main", {}).get("multitask", [])}
-    summary = {suite: {label: aggregate(rows, multitask if suite == "main" else {}) for label, rows in configs.items()}
+    summary = {suite: {label: aggregate(rows, raw) for label, rows in configs.items()}
                for suite, configs in raw.items()}
-    conflict = run_conflict(base, args.seeds, args.results, console) if "conflict" in chosen else {}
-
     table = Table(title="continual quality (mean ± std over seeds)")
     for h in HEADERS:
         table.add_column(h, justify="left" if h in ("suite", "configuration") else "right")
     for row in table_rows(summary):
         table.add_row(*row)
     console.print(table)
+
+    conflict, lines = {}, []
+    if "conflict" in chosen:
+        from strata.eval.conflict import conflict_table
+
+        conflict = run_conflict(base, args.seeds, args.results, base.train.steps // 5 or 1, console)
+        mean = mean_conflict(conflict)
+        console.print(conflict_table(mean))
+        lines = conflict_markdown(mean)
     report = {"command": command, "machine": {"platform": platform.platform(), "torch": torch.__version__},
-              "config": {"backbone": backbone.source, "steps": steps, "test_rows": test_rows, "seeds": args.seeds},
+              "config": {"backbone": base.backbone.source, "steps": base.train.steps, "test_rows": base.n_test,
+                         "seeds": args.seeds},
               "summary": summary, "runs": raw, "conflict": conflict}
     write_text(args.results / "continual_quality.json", json.dumps(report, indent=2))
     if summary:
         plot(summary, args.results / "continual_quality.png")
-        if not args.smoke_test:
-            update_benchmarks_md(args.benchmarks_md, markdown(summary, command))
+    if not args.smoke_test and (summary or lines):
+        update_benchmarks_md(args.benchmarks_md, markdown(summary, command, lines))
     console.print(f"results in {args.results}")
 
 

@@ -41,17 +41,17 @@ from pathlib import Path
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+import pyarrow as pa
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-from strata.adapters.lora import add_adapter  # noqa: E402
-from strata.atomic import write_text  # noqa: E402
-from strata.backbone.tiny import TinyRecipe, build_model, build_processor  # noqa: E402
-from strata.config import AdapterSpec  # noqa: E402
-from strata.data import benchmark  # noqa: E402
-from strata.data.collate import collate, encode_table  # noqa: E402
-from strata.data.template import IMAGE_TOKEN  # noqa: E402
+from strata.adapters.lora import add_adapter
+from strata.atomic import write_text
+from strata.backbone.tiny import TinyRecipe, build_model, build_processor
+from strata.config import AdapterSpec
+from strata.data import benchmark
+from strata.data.collate import collate, encode_table
+from strata.data.template import IMAGE_TOKEN
 
 # PEFT asks transformers a deprecated question on every wrap; the warning says nothing about us.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -430,7 +430,7 @@ def print_table(report: dict) -> None:
     for col in cols:
         left = col == "variant"
         table.add_column(col, justify="left" if left else "right", no_wrap=left)
-    fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+    fmt = lambda x, f: "-" if x is None else format(x, f)
     for name, r in report["variants"].items():
         table.add_row(
             name, fmt(r["step_ms_median"], ".0f"), fmt(r["step_ms_median_ratio"], ".2f"),

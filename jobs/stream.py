@@ -13,7 +13,7 @@ from pathlib import Path
 # Inside a job's working_dir copy the package may not be installed; its source root is here.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from strata.cli import app  # noqa: E402
+from strata.cli import app
 
 if __name__ == "__main__":
     app(["run", *sys.argv[1:]], prog_name="python -m jobs.stream")

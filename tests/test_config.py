@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from strata.config import (
-    BackboneSpec,
     AdapterSpec,
+    BackboneSpec,
     RunConfig,
     TrainConfig,
     check_name,
@@ -117,6 +117,31 @@ def test_run_config_unknown_strategy_is_named() -> None:
         RunConfig(strategies=())
     with pytest.raises(ValueError, match="tasks must be >= 1, got 0"):
         RunConfig(tasks=0)
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("ewc", {"weight": -1.0}, r"ewc.weight must be >= 0, got -1.0"),
+        ("ewc", {"fisher_rows": 0}, r"ewc.fisher_rows must be > 0, got 0"),
+        ("lwf", {"temperature": 0.0}, r"lwf.temperature must be > 0, got 0.0"),
+        ("decoupled", {"contrastive_weight": -0.1}, r"decoupled.contrastive_weight must be >= 0"),
+        ("cma", {"preserve_temperature": 0.0}, r"cma.preserve_temperature must be > 0"),
+        ("cma", {"align_weight": -1}, r"cma.align_weight must be >= 0"),
+        ("cma", {"top_k": 11}, r"cma.top_k must be in \[1, cma.experts=10\], got 11"),
+        ("dgg", {"alpha": [0.2, 1.5]}, r"dgg.alpha\[1\] must be in \[0, 1\], got 1.5"),
+        ("mode", {"kd_weight": -0.3}, r"mode.kd_weight must be >= 0"),
+    ],
+)
+def test_strategy_options_are_validated_with_their_names(section: str, values: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_dict(RunConfig, {section: values}, "run config")
+
+
+def test_decoupled_refuses_adapter_kinds_that_cannot_share_a_model() -> None:
+    with pytest.raises(ValueError, match=r"strategy 'decoupled' .* adapter.kind is 'bottleneck'"):
+        RunConfig(strategies=("decoupled",), adapter=AdapterSpec(kind="bottleneck"))
+    RunConfig(strategies=("seqlora",), adapter=AdapterSpec(kind="bottleneck", placement="language_only"))
 
 
 def test_unknown_strategy_via_from_dict_is_named() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -17,6 +16,10 @@ app = typer.Typer(help="Strata: continual instruction tuning of vision-language 
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: validate, import, generate.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+adapters_app = typer.Typer(help="Adapters: kinds and placements, merge for deployment.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+probe_app = typer.Typer(help="Diagnostics that look inside training.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
 console = Console()
 
 
@@ -27,9 +30,9 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def build_run_config(
-    config: Optional[Path], strategies: list[str], tasks: Optional[int], steps: Optional[int],
-    out: Optional[str], seed: Optional[int], backbone: Optional[str], workers: Optional[int],
-    data: Optional[str], test_rows: Optional[int], executor: Optional[str] = None,
+    config: Path | None, strategies: list[str], tasks: int | None, steps: int | None,
+    out: str | None, seed: int | None, backbone: str | None, workers: int | None,
+    data: str | None, test_rows: int | None, executor: str | None = None,
 ) -> RunConfig:
     """YAML (if given) first, then flags on top; validation happens in the dataclasses."""
     raw: dict = yaml.safe_load(config.read_text()) or {} if config else {}
@@ -54,16 +57,16 @@ def build_run_config(
 @app.command()
 def run(
     strategy: list[str] = typer.Option([], "--strategy", "-s", help="Strategy to run; repeat for several."),
-    tasks: Optional[int] = typer.Option(None, help="How many tasks of the stream to learn."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps per task."),
-    out: Optional[str] = typer.Option(None, help="Output directory."),
-    seed: Optional[int] = typer.Option(None, help="Seed for data, init and sampling."),
-    backbone: Optional[str] = typer.Option(None, help="builtin:tiny, builtin:test, or a local model dir."),
-    workers: Optional[int] = typer.Option(None, help="Ray Train workers per task."),
-    data: Optional[str] = typer.Option(None, help="Directory of <task>.parquet (default: built-in)."),
-    test_rows: Optional[int] = typer.Option(None, help="Test rows per built-in task."),
-    config: Optional[Path] = typer.Option(None, help="YAML file that fills the run config."),
-    executor: Optional[str] = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
+    tasks: int | None = typer.Option(None, help="How many tasks of the stream to learn."),
+    steps: int | None = typer.Option(None, help="Optimizer steps per task."),
+    out: str | None = typer.Option(None, help="Output directory."),
+    seed: int | None = typer.Option(None, help="Seed for data, init and sampling."),
+    backbone: str | None = typer.Option(None, help="builtin:tiny, builtin:test, or a local model dir."),
+    workers: int | None = typer.Option(None, help="Ray Train workers per task."),
+    data: str | None = typer.Option(None, help="Directory of <task>.parquet (default: built-in)."),
+    test_rows: int | None = typer.Option(None, help="Test rows per built-in task."),
+    config: Path | None = typer.Option(None, help="YAML file that fills the run config."),
+    executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
     from strata.data.schema import DatasetError
@@ -135,3 +138,68 @@ def data_generate(out: Path, seed: int = 0, tasks: int = 8, test_rows: int = 500
     for task, path in files.items():
         console.print(f"{task}: {path}")
 
+
+
+@adapters_app.command("kinds")
+def adapters_kinds() -> None:
+    """Print which adapter kinds work with which placements (the rest are refused)."""
+    from strata.adapters.placement import COMPATIBLE
+    from strata.config import PLACEMENTS
+
+    table = Table(title="Adapter kinds × placements")
+    table.add_column("kind")
+    for placement in PLACEMENTS:
+        table.add_column(placement, justify="center")
+    for kind, ok in COMPATIBLE.items():
+        table.add_row(kind, *("yes" if p in ok else "—" for p in PLACEMENTS))
+    console.print(table)
+
+
+@adapters_app.command("merge")
+def adapters_merge(
+    adapter_dir: Path, out_dir: Path,
+    backbone: str = typer.Option(..., help="The full-precision base: builtin:* or a local model dir."),
+    quantization: str | None = typer.Option(None, help="The base's quantization, if any (merge refuses it)."),
+) -> None:
+    """Fold an adapter into a full-precision copy of its base and write a standalone model."""
+    from strata.adapters.merge import merge_adapter
+    from strata.config import BackboneSpec
+
+    try:
+        out = merge_adapter(BackboneSpec(backbone, quantization), None, adapter_dir, out_dir)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    console.print(f"[green]merged[/] {adapter_dir} into {backbone}: {out}")
+
+
+@probe_app.command("conflict")
+def probe_conflict(
+    backbone: str = typer.Option("builtin:tiny", help="builtin:tiny, builtin:test, or a local model dir."),
+    task: str = typer.Option("colour", help="Built-in task to train and probe on (ignored with --data)."),
+    data: Path | None = typer.Option(None, help="A Parquet dataset to probe on instead (its train rows)."),
+    reference: str | None = typer.Option(None, help="MoDE reference set: 'pretraining' or a Parquet path."),
+    steps: int = typer.Option(20, help="Training steps before the probe (a fresh adapter has no signal)."),
+    rows: int = typer.Option(8, help="Rows in the probed batch."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/probe-conflict"), help="Directory for conflict.json and conflict.png."),
+) -> None:
+    """cos(∇L_text, ∇L_image) per parameter tensor, for MoDE and a modality-coupled MoE-LoRA."""
+    from strata.atomic import write_text
+    from strata.backbone.load import resolve
+    from strata.config import BackboneSpec, MoDEConfig
+    from strata.data.benchmark import generate_task
+    from strata.data.schema import read_table
+    from strata.eval.conflict import conflict_table, probe
+    from strata.eval.plots import plot_conflict
+
+    try:
+        spec = BackboneSpec(backbone)
+        mode = MoDEConfig() if reference is None else MoDEConfig(reference=reference)
+        table = read_table(data) if data else generate_task(task, seed, n_train=max(64, rows), n_val=0, n_test=0)
+        report = probe(spec, resolve(spec), table, mode, steps=steps, seed=seed, rows=rows)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        fail(str(e))
+    console.print(conflict_table(report))
+    write_text(out / "conflict.json", json.dumps(report, indent=1))
+    plot_conflict(report, out / "conflict.png")
+    console.print(f"wrote {out / 'conflict.json'} and {out / 'conflict.png'}")

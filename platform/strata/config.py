@@ -41,6 +41,7 @@ class BackboneSpec:
 
 
 ADAPTER_KINDS = ("lora", "dora", "bottleneck", "prefix", "bitfit")
+MULTI_ADAPTER_KINDS = ("lora", "dora")  # kinds that can share a model as several named adapters (Decoupled)
 PLACEMENTS = ("all", "top_half", "bottom_half", "every_other", "vision_only", "language_only")
 
 
@@ -86,6 +87,17 @@ def _check_unit(value: float, where: str) -> None:
         raise ValueError(f"{where} must be in [0, 1], got {value}")
 
 
+def _check_positive(owner: object, section: str, *, at_least_zero: tuple[str, ...] = (),
+                    above_zero: tuple[str, ...] = ()) -> None:
+    """Refuse negative weights and non-positive temperatures/sizes, naming `section.field`."""
+    for name in at_least_zero:
+        if getattr(owner, name) < 0:
+            raise ValueError(f"{section}.{name} must be >= 0, got {getattr(owner, name)}")
+    for name in above_zero:
+        if getattr(owner, name) <= 0:
+            raise ValueError(f"{section}.{name} must be > 0, got {getattr(owner, name)}")
+
+
 @dataclass(frozen=True)
 class DecoupledConfig:
     """Options of the Decoupled strategy."""
@@ -98,8 +110,7 @@ class DecoupledConfig:
     def __post_init__(self) -> None:
         if self.routing not in ("auto", "name"):
             raise ValueError(f"decoupled.routing must be 'auto' or 'name', got {self.routing!r}")
-        if self.tau <= 0:
-            raise ValueError(f"decoupled.tau must be > 0, got {self.tau}")
+        _check_positive(self, "decoupled", at_least_zero=("contrastive_weight",), above_zero=("tau",))
 
 
 @dataclass(frozen=True)
@@ -160,7 +171,11 @@ class CMAConfig:
     distill_weight: float = 1.0
     align_weight: float = 0.1
     preserve_weight: float = 1.0  # multiplied by sqrt(t - 1)
-    temperature: float = 2.0
+    temperature: float = 2.0  # KD temperature on the logits
+    # Cosine similarities live in [-1, 1]: at T=2 their softmax is almost uniform and preservation
+    # carries no signal, so the similarity distributions get their own, sharper temperature.
+    preserve_temperature: float = 0.1
+    align_tau: float = 0.07  # InfoNCE temperature of the alignment term (the CLIP value)
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.experts:
@@ -168,6 +183,8 @@ class CMAConfig:
         if self.blocks < 1 or self.hidden < 1 or self.memory < 1 or self.memory_batch < 1:
             raise ValueError("cma.blocks, cma.hidden, cma.memory and cma.memory_batch must be >= 1")
         _check_unit(self.freeze_threshold, "cma.freeze_threshold")
+        _check_positive(self, "cma", at_least_zero=("distill_weight", "align_weight", "preserve_weight"),
+                        above_zero=("temperature", "preserve_temperature", "align_tau"))
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,9 @@ class EWCConfig:
     fisher_rows: int = 256  # train rows whose squared gradients estimate the Fisher
     fisher_batch: int = 8
 
+    def __post_init__(self) -> None:
+        _check_positive(self, "ewc", at_least_zero=("weight",), above_zero=("fisher_rows", "fisher_batch"))
+
 
 @dataclass(frozen=True)
 class LwFConfig:
@@ -185,6 +205,9 @@ class LwFConfig:
 
     weight: float = 1.0
     temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "lwf", at_least_zero=("weight",), above_zero=("temperature",))
 
 
 @dataclass(frozen=True)
@@ -252,6 +275,9 @@ class RunConfig:
                 raise ValueError(f"unknown strategy {s!r}; known: {sorted(STRATEGIES)}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+        if "decoupled" in self.strategies and self.adapter.kind not in MULTI_ADAPTER_KINDS:
+            raise ValueError(f"strategy 'decoupled' keeps one adapter per task on one model, which only "
+                             f"{MULTI_ADAPTER_KINDS} support; adapter.kind is {self.adapter.kind!r}")
 
     def hash(self) -> str:
         """A short content hash of the whole config, for manifests and lineage."""

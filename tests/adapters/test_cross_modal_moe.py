@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
 from strata.adapters import cross_modal_moe as cma
 from strata.adapters.custom import adapter_parameters, read_side, save_side
 from strata.adapters.lora import trainable_parameters
@@ -14,7 +16,6 @@ from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 from strata.eval.evaluate import generate
-from torch import nn
 
 
 @pytest.fixture(scope="module")

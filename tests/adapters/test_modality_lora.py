@@ -8,6 +8,7 @@ import math
 import pyarrow.compute as pc
 import pytest
 import torch
+
 from strata.adapters import custom
 from strata.adapters import modality_lora as ml
 from strata.data.benchmark import generate_task

@@ -13,7 +13,7 @@ from strata.adapters.lora import add_adapter
 from strata.backbone.features import pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.backbone.tiny import ensure_builtin
-from strata.config import BackboneSpec, AdapterSpec
+from strata.config import AdapterSpec, BackboneSpec
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 

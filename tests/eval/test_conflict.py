@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from strata.adapters import modality_lora as ml
 from strata.config import AdapterSpec, MoDEConfig
 from strata.data.benchmark import generate_task

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+
 from strata.adapters import cross_modal_moe as cma
 from strata.adapters.custom import adapter_parameters, read_side
 from strata.adapters.lora import trainable_parameters
@@ -81,12 +82,12 @@ def test_update_masks_freezes_busy_experts_and_keeps_earlier_freezes() -> None:
 
 def test_alignment_is_lower_when_modalities_match_the_joint() -> None:
     joint = torch.eye(4, dtype=torch.float64)
-    aligned = alignment_loss(joint.clone(), joint.clone(), joint)
-    shuffled = alignment_loss(joint[[1, 2, 3, 0]], joint[[3, 0, 1, 2]], joint)
+    aligned = alignment_loss(joint.clone(), joint.clone(), joint, 0.07)
+    shuffled = alignment_loss(joint[[1, 2, 3, 0]], joint[[3, 0, 1, 2]], joint, 0.07)
     assert aligned.item() < 0.01
     assert shuffled.item() > 5
     # Each modality counts half: one aligned and one shuffled sit halfway.
-    half = alignment_loss(joint.clone(), joint[[3, 0, 1, 2]], joint)
+    half = alignment_loss(joint.clone(), joint[[3, 0, 1, 2]], joint, 0.07)
     assert half.item() == pytest.approx((aligned.item() + shuffled.item()) / 2)
 
 

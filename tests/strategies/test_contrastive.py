@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import torch
+
 from strata.config import AdapterSpec, DecoupledConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table

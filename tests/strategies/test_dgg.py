@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, DGGConfig, TrainConfig
 from strata.data.benchmark import generate_task

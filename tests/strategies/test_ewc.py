@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, EWCConfig, TrainConfig
 from strata.data.benchmark import generate_task
@@ -79,9 +80,11 @@ def install_only(dest: Path):
     return report
 
 
-def test_fisher_on_the_test_backbone(test_spec, backbone_dir, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec", [LORA, AdapterSpec(kind="bottleneck", visual_rank=4, text_rank=4)],
+                         ids=lambda s: s.kind)
+def test_fisher_on_the_test_backbone(spec: AdapterSpec, test_spec, backbone_dir, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ewc = EWC(adapter=LORA, opts=EWCConfig(weight=10.0, fisher_rows=8, fisher_batch=4))
+    ewc = EWC(adapter=spec, opts=EWCConfig(weight=10.0, fisher_rows=8, fisher_batch=4))
     first = ctx(0, state)
     rows = train_rows("colour")
     model, processor = load_backbone(test_spec, backbone_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 import torch
+
 from strata.adapters.lora import load_adapter, save_adapter
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, LwFConfig

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import torch
+
 from strata.adapters import custom
 from strata.adapters import modality_lora as ml
 from strata.backbone.load import load_backbone

@@ -21,7 +21,6 @@ from strata.strategies.base import Strategy, TaskContext
 from strata.train.driver import install
 from strata.train.loop import step_indices, train_task
 
-
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
 
 

@@ -26,15 +26,14 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, TaskType, get_peft_m
 from strata.adapters import bitfit, bottleneck, custom
 from strata.adapters.placement import check, pattern, select, used_vision_layers
 from strata.atomic import replace_dir
-from strata.config import AdapterSpec, check_name
+from strata.config import MULTI_ADAPTER_KINDS, AdapterSpec, check_name
 
 __all__ = [
     "MULTI_ADAPTER_KINDS", "PEFT_KINDS", "STRATA_KINDS", "TEXT", "adapter_kind", "adapter_kinds", "add_adapter",
-    "load_adapter", "lora_config", "prefix_config", "save_adapter", "trainable_parameters", "used_vision_layers",
+    "load_adapter", "lora_config", "named_adapter_parameters", "prefix_config", "save_adapter", "trainable_parameters", "used_vision_layers",
     "visual_targets",
 ]
 
-MULTI_ADAPTER_KINDS = ("lora", "dora")  # kinds that can share a model as several named adapters (Decoupled)
 PEFT_KINDS = ("lora", "dora", "prefix")
 STRATA_KINDS = ("bottleneck", "bitfit")
 STRATA_ATTR = "strata_adapter"  # model attribute holding the side config of its Strata-kind adapter
@@ -188,6 +187,15 @@ def save_adapter(model: torch.nn.Module, name: str, dest: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def named_adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """The parameters of adapter `name` of any kind, trainable or not, by full parameter name."""
+    held = getattr(model, STRATA_ATTR, None)
+    if held is not None and held["name"] == name:
+        return custom.adapter_parameters(model)
+    # PEFT puts the adapter name in every parameter it owns (lora_A.<name>.weight, prompt_encoder.<name>...).
+    return {n: p for n, p in model.named_parameters() if f".{name}." in n}
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

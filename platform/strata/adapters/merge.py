@@ -44,6 +44,10 @@ def merge_adapter(backbone_spec: BackboneSpec, backbone_path: Path | None, adapt
         raise ValueError(f"{adapter_dir} holds a {kind!r} adapter; merge handles lora, dora and bitfit")
 
     backbone_path = Path(backbone_path) if backbone_path is not None else resolve(backbone_spec)
+    config_file = backbone_path / "config.json"
+    if config_file.exists() and "quantization_config" in json.loads(config_file.read_text()):
+        raise ValueError(f"merge needs a full-precision base, but {backbone_path} holds a quantized model "
+                         "(its config.json has a quantization_config); merge into the unquantized source model")
     model, processor = load_backbone(backbone_spec, backbone_path)
     if kind == "bitfit":
         config, tensors = custom.read_side(adapter_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from strata.atomic import write_text
 from strata.data.scenes import (
     CELLS,
     COLOURS,
@@ -30,7 +31,6 @@ from strata.data.scenes import (
     png_bytes,
     random_scene,
 )
-from strata.atomic import write_text
 from strata.data.schema import SCHEMA, write_table
 
 TASKS = ("colour", "shape", "count", "location", "exists", "relation", "size", "shift")

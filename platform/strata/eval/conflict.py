@@ -185,7 +185,7 @@ def conflict_table(report: dict) -> Table:
         table.add_column(header, justify="left" if header in ("kind", "group") else "right")
     for kind, rep in reports.items():
         for group, s in rep["groups"].items():
-            table.add_row(kind, group, f"{s['both']}/{s['params']}", _fmt(s["cos_mean"]), _fmt(s["cos_min"]),
+            table.add_row(kind, group, f"{s['both']:.0f}/{s['params']:.0f}", _fmt(s["cos_mean"]), _fmt(s["cos_min"]),
                           _fmt(s["cos_max"]), _fmt(s["frac_negative"], 2), f"{s['norm_text']:.3g}",
                           f"{s['norm_image']:.3g}", _fmt(s["cross_ratio"]))
     return table

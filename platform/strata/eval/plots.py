@@ -1,4 +1,4 @@
-"""Heat-map of the accuracy matrix R, written once per run next to R and the metrics."""
+"""Plots written next to results: the accuracy-matrix heat-map and the gradient-conflict bars."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import matplotlib
 
 # Runs are headless (Ray workers, CI); pick Agg before pyplot can choose an interactive backend.
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from strata.eval.metrics import Matrix, to_array  # noqa: E402
+from strata.eval.metrics import Matrix, to_array
 
 
 def plot_accuracy_matrix(
@@ -50,16 +50,46 @@ def plot_accuracy_matrix(
                     ax.text(i, t, f"{v:.1f}", ha="center", va="center", color=color,
                             fontsize=fontsize)
         fig.tight_layout()
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
+    return path
 
-        # Write beside the target and rename, so a reader never sees a half-written PNG.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=120)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+def save_figure(fig, path: Path) -> None:
+    """Write `fig` as PNG beside `path` and rename, so a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_conflict(report: dict, path: str | os.PathLike[str]) -> Path:
+    """Bars of the mean cos(∇L_text, ∇L_image) per kind and parameter group, whiskers at min and max."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [(f"{kind}/{group}", s) for kind in ("mode", "coupled") if kind in report
+            for group, s in report[kind]["groups"].items()]
+    if not rows:
+        raise ValueError("not a probe report: no 'mode' or 'coupled' entry")
+    mean = np.array([s["cos_mean"] for _, s in rows], dtype=float)
+    low = mean - np.array([s["cos_min"] for _, s in rows], dtype=float)
+    high = np.array([s["cos_max"] for _, s in rows], dtype=float) - mean
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2.0, 3.5))
+    try:
+        ax.bar(range(len(rows)), np.nan_to_num(mean), yerr=np.nan_to_num(np.stack([low, high])), capsize=4,
+               color=["tab:blue" if name.startswith("mode") else "tab:orange" for name, _ in rows])
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), labels=[name for name, _ in rows])
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel("cos(∇L_text, ∇L_image)")
+        ax.set_title("Gradient conflict per parameter tensor (mean, min-max)")
+        fig.tight_layout()
+        save_figure(fig, path)
     finally:
         plt.close(fig)
     return path

@@ -34,10 +34,9 @@ from strata.strategies.distill import forward_with, kd_loss, snapshot, target_ma
 
 FREEZE_FILE = "cma_freeze.json"
 USAGE_FILE = "expert_usage.jsonl"
-ALIGN_TAU = 0.07  # InfoNCE temperature of the alignment term (the CLIP value, as in Decoupled)
 
 
-def alignment_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_joint: torch.Tensor, tau: float = ALIGN_TAU) -> torch.Tensor:
+def alignment_loss(z_v: torch.Tensor, z_t: torch.Tensor, z_joint: torch.Tensor, tau: float) -> torch.Tensor:
     """Pull each modality toward the fused joint representation: InfoNCE(z_v, z_joint) + InfoNCE(z_t, z_joint).
 
     The joint side is not detached: in a LLaVA model no classifier sits on z_joint, so this term is
@@ -147,7 +146,7 @@ class CMA(Strategy):
         name, head = cma.joint_head(model)
         image, text = self.modality_masks(model, batch)
         z_v, z_t, z_joint = head(outputs.hidden_states[-1], image, text)
-        terms = {"align": (o.align_weight, alignment_loss(z_v, z_t, z_joint))}
+        terms = {"align": (o.align_weight, alignment_loss(z_v, z_t, z_joint, o.align_tau))}
         if self.previous is not None and self.memory is not None:
             mem = self.memory_batch(step, batch["input_ids"].device)
             new = model(**{k: v for k, v in mem.items() if k != "labels"}, output_hidden_states=True)
@@ -160,7 +159,7 @@ class CMA(Strategy):
             with torch.no_grad():
                 z_old = functional_call(head, old_head, (old.hidden_states[-1], image, text))[2]
             weight = math.sqrt(self.index) * o.preserve_weight  # sqrt(t − 1) with t = index + 1
-            terms["preserve"] = (weight, preservation_loss(z_old, z_new, o.temperature))
+            terms["preserve"] = (weight, preservation_loss(z_old, z_new, o.preserve_temperature))
         self.last = {k: v.item() for k, (_, v) in terms.items()}
         return sum(w * v for w, v in terms.values())
 

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from strata.adapters.lora import named_adapter_parameters
 from strata.config import EWCConfig
 from strata.data.collate import collate, encode_table
 from strata.strategies.base import Strategy, TaskContext
@@ -33,19 +34,14 @@ def ewc_penalty(params: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor]
     return 0.5 * weight * total
 
 
-def adapter_parameters(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
-    """The LoRA parameters of one named PEFT adapter, by their full parameter name."""
-    return {n: p for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n}
-
-
 def estimate_fisher(model: torch.nn.Module, processor, rows: pa.Table, adapter: str,
                     batch_size: int) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of an adapter's params: squared CE gradients, averaged over batches of rows."""
     if rows.num_rows == 0 or batch_size < 1:
         raise ValueError(f"the Fisher needs >= 1 row and batch size >= 1, got {rows.num_rows} and {batch_size}")
-    params = adapter_parameters(model, adapter)
+    params = named_adapter_parameters(model, adapter)
     if not params:
-        raise ValueError(f"the model has no LoRA parameters for adapter {adapter!r}")
+        raise ValueError(f"the model has no parameters for adapter {adapter!r}")
     enc = encode_table(processor, rows, with_answers=True)
     pad_id = processor.tokenizer.pad_token_id
     device = next(iter(params.values())).device
@@ -121,7 +117,7 @@ class EWC(Strategy):
             if old.keys() != fisher.keys():
                 raise ValueError(f"stored EWC Fisher in {ctx.state_dir} does not match adapter {adapter!r}")
             fisher = {n: old[n] + f for n, f in fisher.items()}
-        theta = {n: p.detach().clone() for n, p in adapter_parameters(model, adapter).items()}
+        theta = {n: p.detach().clone() for n, p in named_adapter_parameters(model, adapter).items()}
         save_state(ctx.state_dir, fisher, theta)
 
     def before_task(self, backbone: torch.nn.Module, processor, ctx: TaskContext) -> torch.nn.Module:
