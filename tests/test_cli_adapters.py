@@ -80,3 +80,13 @@ def test_probe_conflict_refuses_a_reference_it_cannot_build(backbone_dir: Path, 
     assert result.exit_code == 1
     assert "missing.parquet" in " ".join(result.output.split())
     assert not (tmp_path / "probe").exists()
+
+
+def test_run_refuses_a_kind_placement_pair_before_writing(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text("adapter:\n  kind: bitfit\n  placement: language_only\n")
+    out = tmp_path / "out"
+    result = invoke("run", "--config", config, "--strategy", "seqlora", "--out", out)
+    assert result.exit_code == 1
+    assert "adapter kind 'bitfit' does not support placement 'language_only'" in " ".join(result.output.split())
+    assert not out.exists()

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from strata.adapters.placement import check, check_kind
 from strata.atomic import write_text
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import RunConfig, check_name
@@ -166,6 +167,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
     """Run every strategy of `cfg` on the stream; print the matrices and the comparison."""
     console = console or Console()
     out = Path(cfg.out).resolve()
+    check_kind(cfg.adapter)  # a kind/placement pair outside the published table fails before any work
     # Validate every dataset before anything else: a bad one stops the run with nothing written.
     files = stream_files(cfg, out)
     tables = {task: load_dataset(path) for task, path in files.items()}
@@ -182,6 +184,7 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
         # Tiny models generate fastest on one thread (measured: 0.6 s vs 1.6 s per 500 rows).
         torch.set_num_threads(1)
         model, processor = load_backbone(cfg.backbone, backbone_path)
+        check(cfg.adapter, model)  # per module: BitFit needs biases, every layer_ranks key must match
         tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
         zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
         base = [zero_shot[t].accuracy for t in files]
