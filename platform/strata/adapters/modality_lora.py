@@ -225,25 +225,24 @@ def psi(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
+def _flag_on(model: nn.Module, flag: str) -> Iterator[None]:
+    ctx = context(model)
+    before = getattr(ctx, flag)
+    setattr(ctx, flag, True)
+    try:
+        yield
+    finally:
+        setattr(ctx, flag, before)
+
+
+def adapters_disabled(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Run the model as its frozen backbone (the KD teacher) inside this block."""
-    ctx = context(model)
-    before, ctx.disabled = ctx.disabled, True
-    try:
-        yield
-    finally:
-        ctx.disabled = before
+    return _flag_on(model, "disabled")
 
 
-@contextlib.contextmanager
-def text_detached(model: nn.Module) -> Iterator[None]:
+def text_detached(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Stop the gradient through ϕ inside this block; forward values are unchanged."""
-    ctx = context(model)
-    before, ctx.detach_text = ctx.detach_text, True
-    try:
-        yield
-    finally:
-        ctx.detach_text = before
+    return _flag_on(model, "detach_text")
 
 
 def router_stats(model: nn.Module, reset: bool = True) -> dict[str, object]:
