@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.adapters import custom
+from strata.backbone.features import masked_mean
 
 KIND = "cma"
 VERSION = 1  # bump when the side-file config changes shape
@@ -56,12 +57,6 @@ class JointHead(nn.Module):
         z_v = self.proj_v(masked_mean(hidden, image))
         z_t = self.proj_t(masked_mean(hidden, text))
         return z_v, z_t, self.fusion(torch.cat([z_v, z_t], dim=-1))
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, L, D) states over the positions where the (B, L) mask is true: (B, D)."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class CrossModalMoE(custom.StrataLayer):

@@ -25,6 +25,7 @@ from torch.func import functional_call
 from strata.adapters import cross_modal_moe as cma
 from strata.adapters.custom import adapter_parameters
 from strata.atomic import write_text
+from strata.backbone.features import modality_masks
 from strata.config import CMAConfig
 from strata.data.collate import Encoded, collate, encode_table
 from strata.data.replay import ReplayBuffer
@@ -144,7 +145,7 @@ class CMA(Strategy):
         cma.record_usage(model, batch["attention_mask"])  # before any memory forward overwrites the choices
         o = self.opts
         name, head = cma.joint_head(model)
-        image, text = self.modality_masks(model, batch)
+        image, text = modality_masks(model, batch)
         z_v, z_t, z_joint = head(outputs.hidden_states[-1], image, text)
         terms = {"align": (o.align_weight, alignment_loss(z_v, z_t, z_joint, o.align_tau))}
         if self.previous is not None and self.memory is not None:
@@ -153,7 +154,7 @@ class CMA(Strategy):
             old = forward_with(model, self.previous, mem, output_hidden_states=True)
             terms["distill"] = (o.distill_weight, kd_loss(new.logits, old.logits, target_mask(mem["labels"]),
                                                           o.temperature))
-            image, text = self.modality_masks(model, mem)
+            image, text = modality_masks(model, mem)
             z_new = head(new.hidden_states[-1], image, text)[2]
             old_head = {k.removeprefix(f"{name}."): v for k, v in self.previous.items() if k.startswith(f"{name}.")}
             with torch.no_grad():
@@ -162,12 +163,6 @@ class CMA(Strategy):
             terms["preserve"] = (weight, preservation_loss(z_old, z_new, o.preserve_temperature))
         self.last = {k: v.item() for k, (_, v) in terms.items()}
         return sum(w * v for w, v in terms.values())
-
-    @staticmethod
-    def modality_masks(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L) masks of the image positions and of the real text positions."""
-        image = batch["input_ids"] == model.config.image_token_id
-        return image, batch["attention_mask"].bool() & ~image
 
     def memory_batch(self, step: int, device: torch.device) -> dict[str, torch.Tensor]:
         """`memory_batch` memory rows for this step, drawn the same way on every rank."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from strata.backbone.features import pooled_features
+from strata.backbone.features import masked_mean, modality_masks, pooled_features
 from strata.config import DecoupledConfig
 from strata.data.collate import encode_table
 from strata.strategies.base import Strategy, TaskContext
@@ -36,12 +36,6 @@ def info_nce(visual: torch.Tensor, text: torch.Tensor, tau: float) -> torch.Tens
     logits = v @ t.T / tau  # (N, N) cosine similarities
     target = torch.arange(len(v), device=v.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, L, D) states over the positions where the (B, L) mask is true: (B, D)."""
-    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 @dataclass
@@ -69,8 +63,7 @@ class Decoupled(Strategy):
         if not self.opts.contrastive:
             return None
         hidden = outputs.hidden_states[-1]  # (B, L, D), the LM's last layer
-        image = batch["input_ids"] == model.config.image_token_id  # (B, L)
-        text = batch["attention_mask"].bool() & ~image
+        image, text = modality_masks(model, batch)
         return self.opts.contrastive_weight * info_nce(masked_mean(hidden, image), masked_mean(hidden, text),
                                                        self.opts.tau)
 
