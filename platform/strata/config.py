@@ -160,10 +160,13 @@ class MoDEConfig:
 class CMAConfig:
     """Cross-modality MoE adapters with expert freezing (seed 002)."""
 
-    blocks: int = 2  # adapters after the last B blocks of the LM
+    # Adapters after the last B blocks of the LM; None: after every block, as the seed does. On the
+    # built-in tiny LM (3 blocks, width 64) B=2 with width 16 learned the first task to 17% vs 42% at
+    # every block with width 64 (LoRA: 38%); the defaults are the latter.
+    blocks: int | None = None
     experts: int = 10
     top_k: int = 2
-    hidden: int = 16  # bottleneck width of each expert
+    hidden: int = 64  # bottleneck width of each expert
     freeze_threshold: float = 0.1  # freeze experts whose top-k share exceeds this after a task
     freeze: bool = True  # False: the no-freezing ablation
     memory: int = 200  # memory-buffer rows kept across all tasks
@@ -180,8 +183,8 @@ class CMAConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.experts:
             raise ValueError(f"cma.top_k must be in [1, cma.experts={self.experts}], got {self.top_k}")
-        if self.blocks < 1 or self.hidden < 1 or self.memory < 1 or self.memory_batch < 1:
-            raise ValueError("cma.blocks, cma.hidden, cma.memory and cma.memory_batch must be >= 1")
+        if (self.blocks is not None and self.blocks < 1) or min(self.hidden, self.memory, self.memory_batch) < 1:
+            raise ValueError("cma.blocks (or null), cma.hidden, cma.memory and cma.memory_batch must be >= 1")
         _check_unit(self.freeze_threshold, "cma.freeze_threshold")
         _check_positive(self, "cma", at_least_zero=("distill_weight", "align_weight", "preserve_weight"),
                         above_zero=("temperature", "preserve_temperature", "align_tau"))

@@ -70,6 +70,13 @@ def test_bad_top_k_and_block_count_are_refused(backbone) -> None:
         cma.attach(model, blocks=99, experts=4, top_k=2, hidden=4)
 
 
+def test_no_block_count_wraps_every_lm_block(backbone) -> None:
+    model, _ = backbone
+    n_layers = model.config.text_config.num_hidden_layers
+    names = cma.attach(model, blocks=None, experts=4, top_k=2, hidden=4)
+    assert names == [f"model.language_model.layers.{i}" for i in range(n_layers)]
+
+
 def test_adapter_is_identity_at_init_and_wraps_the_last_blocks(backbone, enc) -> None:
     model, processor = backbone
     batch = collate(enc.select([0, 1, 2]), processor.tokenizer.pad_token_id)

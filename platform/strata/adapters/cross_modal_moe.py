@@ -97,11 +97,12 @@ class CrossModalMoE(custom.StrataLayer):
         return h + mixed.reshape(h.shape)
 
 
-def attach(model: nn.Module, blocks: int, experts: int, top_k: int, hidden: int) -> list[str]:
-    """Wrap the last `blocks` decoder blocks of the LM; returns the wrapped module names, in depth order."""
+def attach(model: nn.Module, blocks: int | None, experts: int, top_k: int, hidden: int) -> list[str]:
+    """Wrap the last `blocks` decoder blocks of the LM (None: all); returns the wrapped names, in depth order."""
     found = sorted((int(m.group(1)), n) for n in dict(model.named_modules()) if (m := LM_BLOCK.fullmatch(n)))
     if not found:
         raise ValueError(f"{type(model).__name__} has no language_model.layers.N blocks to adapt")
+    blocks = len(found) if blocks is None else blocks
     if not 1 <= blocks <= len(found):
         raise ValueError(f"cma blocks must be in [1, {len(found)}] (the LM's layer count), got {blocks}")
     names = [n for _, n in found[-blocks:]]

@@ -127,7 +127,7 @@ class CMA(Strategy):
         if previous.exists():
             model, config = cma.load(backbone, previous, trainable=True)
             if (config["experts"], config["top_k"], config["hidden"], len(config["layers"])) != \
-                    (o.experts, o.top_k, o.hidden, o.blocks):
+                    (o.experts, o.top_k, o.hidden, o.blocks or len(config["layers"])):
                 raise ValueError(f"the adapter in {previous} was built with {config}, which does not match {o}")
         else:
             model = backbone
