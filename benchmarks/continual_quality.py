@@ -64,6 +64,20 @@ def suites(main_tasks: int) -> dict[str, list[tuple[str, int, dict]]]:
     }
 
 
+# Ablation rows whose configuration is exactly a main-suite strategy at its defaults: with the same
+# stream length and seed, the run is the same (it is deterministic), so its result is copied, not rerun.
+SAME_AS_MAIN = {"dgg-full": "dgg", "replay-only": "replay"}
+
+
+def copy_of_main(results: Path, label: str, tasks: int, seed: int) -> dict | None:
+    """The main suite's row for the same configuration, relabelled, or None if there is none yet."""
+    source = results / "runs" / "main" / SAME_AS_MAIN.get(label, "-") / f"seed{seed}.json"
+    if not source.exists():
+        return None
+    row = json.loads(source.read_text())
+    return {**row, "label": label, "copied_from": f"main/{row['label']}"} if len(row["tasks"]) == tasks else None
+
+
 def dir_kb(path: Path) -> float:
     """Size of every file under `path` in KiB (0 when absent)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1024 if path.exists() else 0.0
@@ -294,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, tasks, _ in plan[suite]:
             for seed in args.seeds:
                 path = args.results / "runs" / suite / label / f"seed{seed}.json"
+                if not path.exists() and (row := copy_of_main(args.results, label, tasks, seed)) is not None:
+                    write_text(path, json.dumps(row, indent=2))
                 if not path.exists():
                     console.log(f"{suite}/{label} seed {seed}: {tasks} tasks …")
                     child = [sys.executable, __file__, *argv, "--one", suite, label, str(seed)]
