@@ -78,6 +78,18 @@ def copy_of_main(results: Path, label: str, tasks: int, seed: int) -> dict | Non
     return {**row, "label": label, "copied_from": f"main/{row['label']}"} if len(row["tasks"]) == tasks else None
 
 
+def state_kb(state: Path) -> float:
+    """KiB of what a strategy keeps beyond its adapters: replay rows, Fisher, memory, router, masks.
+
+    Left out: the adapters themselves and rows.parquet, the pipeline's hand-off of the current
+    task's training table (every strategy has one)."""
+    if not state.exists():
+        return 0.0
+    skip = state / "adapters"
+    files = [p for p in state.rglob("*") if p.is_file() and skip not in p.parents and p.name != "rows.parquet"]
+    return sum(p.stat().st_size for p in files) / 1024
+
+
 def dir_kb(path: Path) -> float:
     """Size of every file under `path` in KiB (0 when absent)."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1024 if path.exists() else 0.0
@@ -101,7 +113,7 @@ def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int,
         "train_seconds": sum(t.get("train_seconds", 0.0) for t in m["training"]),
         "wall_seconds": wall,
         "adapter_kb": dir_kb(state / "adapters"),
-        "extra_state_kb": dir_kb(state) - dir_kb(state / "adapters"),
+        "extra_state_kb": state_kb(state),
         "config_hash": cfg.hash(),
         # Linux reports ru_maxrss in KiB; this process ran nothing but this one configuration.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -113,11 +125,11 @@ def baseline(raw: dict, strategy: str, key: str) -> dict[tuple[int, int], float]
     return {(len(r["tasks"]), r["seed"]): r[key] for r in raw.get("main", {}).get(strategy, []) if r.get(key)}
 
 
-def paired(rows: list[dict], key: str, base: dict[tuple[int, int], float]) -> float | None:
-    """Mean of row[key] − base on the same (stream length, seed), or None when no pair exists."""
+def paired(rows: list[dict], key: str, base: dict[tuple[int, int], float]) -> tuple[float | None, float]:
+    """Mean and std of row[key] − base on the same (stream length, seed); (None, 0) when no pair exists."""
     diffs = [r[key] - base[(len(r["tasks"]), r["seed"])] for r in rows
              if r.get(key) is not None and (len(r["tasks"]), r["seed"]) in base]
-    return statistics.fmean(diffs) if diffs else None
+    return (statistics.fmean(diffs) if diffs else None), (statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
 
 
 def aggregate(rows: list[dict], raw: dict) -> dict:
@@ -129,8 +141,8 @@ def aggregate(rows: list[dict], raw: dict) -> dict:
         values = [float(r[key]) for r in rows if r.get(key) is not None]
         agg[key] = statistics.fmean(values) if values else None
         agg[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    agg["gap_to_multitask"] = paired(rows, "faa", baseline(raw, "multitask", "faa"))
-    agg["extra_rss_mb"] = paired(rows, "peak_rss_mb", baseline(raw, "seqlora", "peak_rss_mb"))
+    agg["gap_to_multitask"], agg["gap_to_multitask_std"] = paired(rows, "faa", baseline(raw, "multitask", "faa"))
+    agg["extra_rss_mb"], agg["extra_rss_mb_std"] = paired(rows, "peak_rss_mb", baseline(raw, "seqlora", "peak_rss_mb"))
     return agg
 
 
