@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from reporting import Collector
 
 from strata.adapters import cross_modal_moe as cma
 from strata.adapters.custom import adapter_parameters, read_side
@@ -32,24 +33,10 @@ from strata.strategies.cma import (
     read_masks,
     update_masks,
 )
-from strata.train.driver import install
 from strata.train.loop import train_task
 
 OPTS = CMAConfig(blocks=2, experts=6, top_k=2, hidden=8, freeze_threshold=0.1, memory=8, memory_batch=4)
 TRAIN = TrainConfig(steps=6, batch_size=4, lr=1e-2, weight_decay=0.1)
-
-
-class Collector:
-    """A reporter that keeps every report and installs the final checkpoint where the driver would."""
-
-    def __init__(self, install_to: Path | None = None) -> None:
-        self.reports: list[dict] = []
-        self.install_to = install_to
-
-    def __call__(self, metrics: dict, ckpt: Path | None) -> None:
-        if ckpt is not None and self.install_to is not None:
-            install(ckpt, self.install_to)
-        self.reports.append(dict(metrics))
 
 
 def train_rows(task: str) -> pa.Table:
@@ -135,7 +122,7 @@ def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec
     c0 = ctx(0, "colour", state)
     shared = c0.adapters_dir / "shared"
     model, processor = load_backbone(test_spec, backbone_dir)
-    first = train_task(model, processor, strategy, c0, rows["colour"], TRAIN, Collector(shared))
+    first = train_task(model, processor, strategy, c0, rows["colour"], TRAIN, Collector(install_to=shared))
     assert "cma/loss/distill" not in first and "cma/loss/preserve" not in first  # no previous model at t=0
     assert math.isfinite(first["cma/loss/align"]) and first["cma/frozen_experts"] == 0
     eval_model, eval_processor = load_backbone(test_spec, backbone_dir)
@@ -160,7 +147,7 @@ def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec
     # Task 1 on a fresh backbone, as a worker would; weight decay would move anything left in AdamW.
     c1 = ctx(1, "shape", state, seen=("colour",))
     model, processor = load_backbone(test_spec, backbone_dir)
-    second = train_task(model, processor, strategy, c1, rows["shape"], TRAIN, Collector(shared))
+    second = train_task(model, processor, strategy, c1, rows["shape"], TRAIN, Collector(install_to=shared))
     assert second["cma/frozen_experts"] == len(frozen)
     for term in ("align", "distill", "preserve"):
         assert math.isfinite(second[f"cma/loss/{term}"])
@@ -207,7 +194,7 @@ def test_no_freeze_ablation_never_freezes(test_spec, backbone_dir, tmp_path: Pat
     c0 = ctx(0, "colour", tmp_path)
     model, processor = load_backbone(test_spec, backbone_dir)
     train_task(model, processor, strategy, c0, train_rows("colour"), replace(TRAIN, steps=2),
-               Collector(c0.adapters_dir / "shared"))
+               Collector(install_to=c0.adapters_dir / "shared"))
     strategy.after_task(c0, train_rows("colour"), strategy.load_eval(load_backbone(test_spec, backbone_dir)[0], c0),
                         processor)
     masks = read_masks(tmp_path)

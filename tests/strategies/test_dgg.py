@@ -4,13 +4,13 @@ ablation switches, and a real two-task run in which the guidance pulls the adapt
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from reporting import Collector
 from safetensors.torch import load_file
 
 from strata.backbone.load import load_backbone
@@ -18,7 +18,6 @@ from strata.config import AdapterSpec, DGGConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.strategies.base import TaskContext
 from strata.strategies.dgg import DGG
-from strata.train.driver import install
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -162,23 +161,6 @@ def test_replay_switch_decides_the_rows(replay: bool, tmp_path: Path) -> None:
 
 
 # ---- a real run on the test backbone ------------------------------------------------------------
-
-class Collector:
-    """Keeps every report and a copy of each checkpoint (the loop's temp dir vanishes after report)."""
-
-    def __init__(self, keep: Path, install_to: Path | None = None) -> None:
-        self.reports: list[tuple[dict, Path | None]] = []
-        self.keep, self.install_to = keep, install_to
-
-    def __call__(self, metrics: dict, ckpt: Path | None) -> None:
-        saved = None
-        if ckpt is not None:
-            saved = self.keep / f"report{len(self.reports)}"
-            shutil.copytree(ckpt, saved)
-            if self.install_to is not None:
-                install(ckpt, self.install_to)
-        self.reports.append((dict(metrics), saved))
-
 
 def train_rows(task: str) -> pa.Table:
     table = generate_task(task, 0, n_train=32, n_val=0, n_test=0)

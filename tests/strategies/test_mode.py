@@ -4,12 +4,12 @@ reproduces the logits and generates."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pyarrow.compute as pc
 import pytest
 import torch
+from reporting import Collector
 
 from strata.adapters import custom
 from strata.adapters import modality_lora as ml
@@ -50,18 +50,6 @@ def perturb(model: torch.nn.Module) -> None:
 
 def nonzero(params: dict[str, torch.nn.Parameter]) -> list[str]:
     return [n for n, p in params.items() if p.grad is not None and p.grad.any()]
-
-
-class Collector:
-    """Keeps every report and copies the final checkpoint (the loop's temp dir is gone afterwards)."""
-
-    def __init__(self, keep: Path) -> None:
-        self.keep, self.reports = keep, []
-
-    def __call__(self, metrics: dict, ckpt: Path | None) -> None:
-        if ckpt is not None:
-            shutil.copytree(ckpt, self.keep)
-        self.reports.append(dict(metrics))
 
 
 def test_make_strategy_builds_mode() -> None:
@@ -132,7 +120,7 @@ def test_train_continue_save_load_and_generate(test_spec, backbone_dir, tmp_path
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, executor="local")
     first = ctx(0, tmp_path / "state")
     model, processor = load_backbone(test_spec, backbone_dir)
-    report = Collector(first.adapters_dir / "shared")  # installed where the driver would put it
+    report = Collector(install_to=first.adapters_dir / "shared")  # where the driver would put it
     final = train_task(model, processor, mode, first, train_rows(), cfg, report, log_every=3)
     assert final["mode/kd"] >= 0 and 0 < final["mode/router_entropy"] <= torch.log(torch.tensor(2.0)).item()
     config, tensors = custom.read_side(first.adapters_dir / "shared")

@@ -4,13 +4,13 @@ anything but the current task's adapter (the backbone and earlier adapters stay 
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from reporting import Collector
 from safetensors.torch import load_file
 
 from strata.backbone.load import load_backbone
@@ -18,7 +18,6 @@ from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.strategies import make_strategy
 from strata.strategies.base import Strategy, TaskContext
-from strata.train.driver import install
 from strata.train.loop import step_indices, train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -32,24 +31,6 @@ def train_rows(task: str) -> pa.Table:
 @pytest.fixture(scope="module")
 def rows() -> dict[str, pa.Table]:
     return {t: train_rows(t) for t in ("colour", "shape")}
-
-
-class Collector:
-    """A reporter that keeps every report and copies (or installs) each checkpoint it is given:
-    the loop hands over a temporary directory that is gone once the report returns."""
-
-    def __init__(self, keep: Path, install_to: Path | None = None) -> None:
-        self.reports: list[tuple[dict, Path | None]] = []
-        self.keep, self.install_to = keep, install_to
-
-    def __call__(self, metrics: dict, ckpt: Path | None) -> None:
-        saved = None
-        if ckpt is not None:
-            saved = self.keep / f"report{len(self.reports)}"
-            shutil.copytree(ckpt, saved)
-            if self.install_to is not None:
-                install(ckpt, self.install_to)
-        self.reports.append((dict(metrics), saved))
 
 
 def strategy(name: str) -> Strategy:
