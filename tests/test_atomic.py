@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from strata.atomic import replace_dir, write_text
+from strata.atomic import replace_dir, write_file, write_text
 
 
 def test_write_text_creates_parents_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -31,6 +31,21 @@ def test_write_text_failure_keeps_old_file_and_cleans_temp(tmp_path: Path) -> No
         write_text(path, 123)  # type: ignore[arg-type]  # f.write(int) fails mid-write
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_write_file_failure_after_a_partial_write_keeps_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"old")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file(path, half_then_fail)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.bin"]
+    assert write_file(path, lambda tmp: tmp.write_bytes(b"new")).read_bytes() == b"new"
 
 
 def make_dir(root: Path, files: dict[str, str]) -> Path:

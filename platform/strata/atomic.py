@@ -5,21 +5,28 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write a text file via a temp file in the same directory and os.replace."""
+def write_file(path: Path, write: Callable[[Path], object]) -> Path:
+    """Let `write` fill a temp file beside `path`, then os.replace it into place (removed on failure)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file atomically."""
+    return write_file(path, lambda tmp: tmp.write_text(text))
 
 
 def replace_dir(src: Path, dest: Path) -> Path:

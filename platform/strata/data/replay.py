@@ -44,9 +44,13 @@ class ReplayBuffer:
         """Tasks that currently have rows in the buffer."""
         return sorted(p.stem for p in self.root.glob("*.parquet")) if self.root.exists() else []
 
+    def read(self, task: str) -> pa.Table:
+        """The rows kept for one task."""
+        return pq.read_table(self._path(task))
+
     def rows(self, exclude: str | None = None) -> pa.Table | None:
         """All stored rows (except task `exclude`), or None when the buffer is empty."""
-        tables = [pq.read_table(self._path(t)) for t in self.tasks() if t != exclude]
+        tables = [self.read(t) for t in self.tasks() if t != exclude]
         return pa.concat_tables(tables) if tables else None
 
     def purge(self, task: str, reason: str = "") -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from strata.atomic import write_file
 from strata.eval.metrics import Matrix, to_array
 
 
@@ -58,14 +58,7 @@ def plot_accuracy_matrix(
 
 def save_figure(fig, path: Path) -> None:
     """Write `fig` as PNG beside `path` and rename, so a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 def plot_conflict(report: dict, path: str | os.PathLike[str]) -> Path:

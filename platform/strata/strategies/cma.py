@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -93,6 +92,7 @@ class CMA(Strategy):
 
     def __post_init__(self) -> None:
         self.previous: dict[str, torch.Tensor] | None = None  # worker side: the previous adapter's state
+        self.old_head: dict[str, torch.Tensor] = {}  # the previous joint head's weights, by head-local name
         self.memory: Encoded | None = None
         self.layers: dict[str, cma.CrossModalMoE] = {}
         self.index, self.seed, self.pad_id, self.frozen = 0, 0, 0, 0
@@ -116,7 +116,7 @@ class CMA(Strategy):
         per_task = max(1, self.opts.memory // (len(ctx.seen) + 1))
         for old in memory.tasks():  # earlier tasks shrink to their new share (a uniform sample of a sample)
             if old != ctx.name:
-                memory.add(old, pq.read_table(memory.root / f"{old}.parquet"), per_task, ctx.seed)
+                memory.add(old, memory.read(old), per_task, ctx.seed)
         memory.add(ctx.name, train, per_task, ctx.seed + ctx.index)
 
     # ---- worker side -----------------------------------------------------------------------
@@ -136,6 +136,9 @@ class CMA(Strategy):
         self.previous = snapshot(adapter_parameters(model)) if ctx.index > 0 and previous.exists() else None
         rows = ReplayBuffer(Path(ctx.state_dir) / "memory").rows()
         self.memory = encode_table(processor, rows, with_answers=True) if rows is not None else None
+        name, _ = cma.joint_head(model)
+        self.old_head = {k.removeprefix(f"{name}."): v for k, v in (self.previous or {}).items()
+                         if k.startswith(f"{name}.")}
         self.layers, self.index, self.seed = cma.moe_layers(model), ctx.index, ctx.seed
         self.pad_id, self.last = processor.tokenizer.pad_token_id, {}
         return model
@@ -144,7 +147,7 @@ class CMA(Strategy):
         """Alignment on the batch, plus KD and preservation on memory rows once a previous adapter exists."""
         cma.record_usage(model, batch["attention_mask"])  # before any memory forward overwrites the choices
         o = self.opts
-        name, head = cma.joint_head(model)
+        _, head = cma.joint_head(model)
         image, text = modality_masks(model, batch)
         z_v, z_t, z_joint = head(outputs.hidden_states[-1], image, text)
         terms = {"align": (o.align_weight, alignment_loss(z_v, z_t, z_joint, o.align_tau))}
@@ -156,9 +159,8 @@ class CMA(Strategy):
                                                           o.temperature))
             image, text = modality_masks(model, mem)
             z_new = head(new.hidden_states[-1], image, text)[2]
-            old_head = {k.removeprefix(f"{name}."): v for k, v in self.previous.items() if k.startswith(f"{name}.")}
             with torch.no_grad():
-                z_old = functional_call(head, old_head, (old.hidden_states[-1], image, text))[2]
+                z_old = functional_call(head, self.old_head, (old.hidden_states[-1], image, text))[2]
             weight = math.sqrt(self.index) * o.preserve_weight  # sqrt(t − 1) with t = index + 1
             terms["preserve"] = (weight, preservation_loss(z_old, z_new, o.preserve_temperature))
         self.last = {k: v.item() for k, (_, v) in terms.items()}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from strata.atomic import write_file
 from strata.backbone.features import masked_mean, modality_masks, pooled_features
 from strata.config import DecoupledConfig
 from strata.data.collate import encode_table
@@ -123,10 +124,7 @@ class PrototypeRouter:
 
     def save(self, state_dir: str) -> None:
         """Write the router's tensors with task names in the metadata, atomically."""
-        path = Path(state_dir) / ROUTER_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{ROUTER_FILE}.tmp")
-        tensors = {"means": self.means, "scatters": self.scatters, "counts": self.counts}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"tasks": json.dumps(self.names)})
-        tmp.replace(path)
+        tensors = {k: v.contiguous() for k, v in
+                   {"means": self.means, "scatters": self.scatters, "counts": self.counts}.items()}
+        write_file(Path(state_dir) / ROUTER_FILE,
+                   lambda tmp: save_file(tensors, str(tmp), metadata={"tasks": json.dumps(self.names)}))

@@ -7,8 +7,6 @@ gains λ/2 · Σ F·(θ − θ_old)².
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from strata.adapters.lora import named_adapter_parameters
+from strata.atomic import write_file
 from strata.config import EWCConfig
 from strata.data.collate import collate, encode_table
 from strata.strategies.base import Strategy, TaskContext
@@ -69,18 +68,9 @@ def estimate_fisher(model: torch.nn.Module, processor, rows: pa.Table, adapter: 
 
 def save_state(state_dir: str | Path, fisher: dict[str, torch.Tensor], theta: dict[str, torch.Tensor]) -> Path:
     """Write F and θ_old, keyed by parameter name, to state_dir/ewc.safetensors atomically."""
-    path = Path(state_dir) / STATE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"fisher/{n}": t for n, t in fisher.items()} | {f"theta/{n}": t for n, t in theta.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{STATE_FILE}-")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_file(Path(state_dir) / STATE_FILE, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def load_state(state_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
