@@ -82,6 +82,15 @@ def test_probe_conflict_refuses_a_reference_it_cannot_build(backbone_dir: Path, 
     assert not (tmp_path / "probe").exists()
 
 
+def test_probe_conflict_names_an_unknown_task_or_a_missing_dataset(backbone_dir: Path, tmp_path: Path) -> None:
+    result = invoke("probe", "conflict", "--backbone", backbone_dir, "--task", "colours", "--out", tmp_path / "p")
+    assert result.exit_code == 1 and "unknown task 'colours'" in " ".join(result.output.split())
+    result = invoke("probe", "conflict", "--backbone", backbone_dir, "--data", tmp_path / "nope.parquet",
+                    "--out", tmp_path / "p")
+    assert result.exit_code == 1 and "nope.parquet" in " ".join(result.output.split())
+    assert not (tmp_path / "p").exists()
+
+
 def test_run_refuses_a_kind_placement_pair_before_writing(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text("adapter:\n  kind: bitfit\n  placement: language_only\n")

@@ -199,3 +199,13 @@ def test_no_freeze_ablation_never_freezes(test_spec, backbone_dir, tmp_path: Pat
                         processor)
     masks = read_masks(tmp_path)
     assert masks and not any(any(m) for m in masks.values())
+
+
+def test_changed_layer_options_mid_stream_are_refused(test_spec, backbone_dir, tmp_path: Path) -> None:
+    c0 = ctx(0, "colour", tmp_path)
+    model, processor = load_backbone(test_spec, backbone_dir)
+    cma.attach(model, OPTS.blocks, OPTS.experts, OPTS.top_k, OPTS.hidden)
+    cma.save(model, c0.adapters_dir / "shared")
+    wider = CMA(opts=replace(OPTS, experts=OPTS.experts + 2))
+    with pytest.raises(ValueError, match=r"was built with .* which does not match"):
+        wider.before_task(load_backbone(test_spec, backbone_dir)[0], processor, ctx(1, "shape", tmp_path, ("colour",)))

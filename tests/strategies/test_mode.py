@@ -108,6 +108,19 @@ def test_reference_is_a_seeded_sample_of_pretraining_captions(backbone, tmp_path
     assert len(from_file) == 3 and set(from_file.answers) <= set(generate_task("shape", 0, 5, 0, 0)["answer"].to_pylist())
 
 
+def test_a_reference_file_without_the_columns_or_rows_is_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    from strata.strategies.mode import file_reference
+
+    no_answer = write_table(pa.table({"image": [b""], "prompt": ["p"]}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['answer'\]"):
+        file_reference(str(no_answer), rows=4, seed=0)
+    empty = write_table(generate_task("shape", 0, 2, 0, 0).slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match="has no rows"):
+        file_reference(str(empty), rows=4, seed=0)
+
+
 def test_pretraining_reference_needs_a_builtin_backbone(backbone, tmp_path: Path) -> None:
     model, processor = backbone
     model.name_or_path = str(tmp_path)  # a user's model dir: no recipe, so no known captions

@@ -30,8 +30,8 @@ from strata.config import MULTI_ADAPTER_KINDS, AdapterSpec, check_name
 
 __all__ = [
     "MULTI_ADAPTER_KINDS", "PEFT_KINDS", "STRATA_KINDS", "TEXT", "adapter_kind", "adapter_kinds", "add_adapter",
-    "load_adapter", "lora_config", "named_adapter_parameters", "prefix_config", "save_adapter", "trainable_parameters", "used_vision_layers",
-    "visual_targets",
+    "load_adapter", "lora_config", "named_adapter_parameters", "prefix_config", "save_adapter",
+    "trainable_parameters", "used_vision_layers", "visual_targets",
 ]
 
 PEFT_KINDS = ("lora", "dora", "prefix")
