@@ -56,3 +56,19 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    """A local Ray with its dashboard on a free loopback port: Ray's state API needs it."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=tmp)
+    yield ray
+    ray.shutdown()

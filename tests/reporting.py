@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from strata.train.checkpoint import ADAPTER
 from strata.train.driver import install
 
 
@@ -22,6 +23,6 @@ class Collector:
             if self.keep is not None:
                 saved = self.keep / f"report{len(self.reports)}"
                 shutil.copytree(ckpt, saved)
-            if self.install_to is not None:
-                install(ckpt, self.install_to)
+            if self.install_to is not None and (ckpt / ADAPTER).is_dir():
+                install(ckpt / ADAPTER, self.install_to)
         self.reports.append((dict(metrics), saved))

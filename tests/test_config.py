@@ -101,7 +101,9 @@ def test_train_config_batch_must_divide_across_workers() -> None:
     [
         ({"steps": 0}, r"train.steps must be >= 1, got 0"),
         ({"num_workers": 0}, r"train.num_workers must be >= 1, got 0"),
-        ({"lr": 0.0}, r"train.lr must be > 0, got 0.0"),
+        ({"lr": -1e-3}, r"train.lr must be >= 0, got -0.001"),
+        ({"max_failures": -1}, r"train.max_failures must be >= 0"),
+        ({"resources_per_worker": {"GPU": 1}}, r"train.resources_per_worker\['GPU'\] must be a custom resource"),
     ],
 )
 def test_train_config_other_validation(kwargs: dict, message: str) -> None:

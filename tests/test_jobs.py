@@ -55,11 +55,11 @@ def head_node():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def submit(env: dict, address: str, args: list[str]) -> subprocess.CompletedProcess:
-    """`ray job submit` of jobs.stream with the repo as working_dir; waits for the job to end."""
+def submit(env: dict, address: str, args: list[str], job: str = "stream") -> subprocess.CompletedProcess:
+    """`ray job submit` of jobs.<job> with the repo as working_dir; waits for the job to end."""
     runtime_env = {"working_dir": str(REPO), "env_vars": {"STRATA_CACHE": os.environ.get("STRATA_CACHE", "")}}
     cmd = [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={json.dumps(runtime_env)}",
-           "--", "python", "-m", "jobs.stream", *args]
+           "--", "python", "-m", f"jobs.{job}", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -79,3 +79,43 @@ def test_failing_job_exits_non_zero_with_a_clear_message(head_node, tmp_path):
     proc = submit(env, address, ["--strategy", "nope", "--out", str(tmp_path / "bad")])
     assert proc.returncode != 0
     assert "unknown strategy 'nope'" in proc.stdout + proc.stderr
+
+
+def test_tasks_arrive_as_separate_jobs_and_any_version_re_evaluates(head_node, backbone_dir, tmp_path):
+    from strata.data.benchmark import write_benchmark
+
+    env, address = head_node
+    files = write_benchmark(tmp_path / "data", 0, ("colour", "shape"), 64, 8, 40)
+    common = ["--strategy", "dgg", "--stream", "jobs", "--out", str(tmp_path / "stream"),
+              "--backbone", str(backbone_dir)]
+    for task, path in files.items():
+        proc = submit(env, address, ["--task", task, "--dataset", str(path), "--steps", "15", "--executor", "local", *common], "arrive")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert f"task '{task}' arrives" in proc.stdout  # progress in the job's log
+    metrics = json.loads((tmp_path / "stream" / "dgg" / "metrics.json").read_text())
+    assert metrics["tasks"] == ["colour", "shape"] and metrics["versions"] == [1, 2]
+    assert metrics["accuracy_matrix"][1][0] is not None  # task 1 re-evaluated after task 2
+
+    again = submit(env, address, ["--task", "colour", "--dataset", str(files["colour"]), *common], "arrive")
+    assert again.returncode != 0 and "already learned" in again.stdout + again.stderr
+
+    proc = submit(env, address, ["--version", "1", *common], "evaluate")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads((tmp_path / "stream" / "dgg" / "evaluate-v1.json").read_text())
+    assert first["accuracy"]["colour"] == metrics["accuracy_matrix"][0][0]  # version 1 is what task 1 left
+
+
+def test_an_invalid_dataset_is_refused_before_anything_is_recorded(head_node, backbone_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    env, address = head_node
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["a", "a"], "prompt": ["q", ""], "answer": ["x", "y"], "split": ["train", "test"],
+                             "image": pa.array([None, None], pa.binary())}), bad)
+    proc = submit(env, address, ["--task", "broken", "--dataset", str(bad), "--strategy", "seqlora",
+                                 "--out", str(tmp_path / "stream"), "--backbone", str(backbone_dir)], "arrive")
+    assert proc.returncode != 0
+    assert "is invalid; nothing was trained or recorded" in proc.stdout + proc.stderr
+    assert "duplicate" in (proc.stdout + proc.stderr).lower()
+    assert not (tmp_path / "stream" / "coordinator").exists()

@@ -22,7 +22,7 @@ def results(ray_cluster, backbone_dir, tmp_path_factory):
         tasks=3,
         out=str(out),
         backbone=BackboneSpec(str(backbone_dir)),
-        train=TrainConfig(steps=80, batch_size=32, lr=3e-3),
+        train=TrainConfig(steps=80, batch_size=32, lr=3e-3, report_every=20, checkpoint_every=0),
         n_train=400,
         n_val=20,
         n_test=120,

@@ -20,6 +20,8 @@ adapters_app = typer.Typer(help="Adapters: kinds and placements, merge for deplo
 app.add_typer(adapters_app, name="adapters")
 probe_app = typer.Typer(help="Diagnostics that look inside training.", no_args_is_help=True)
 app.add_typer(probe_app, name="probe")
+coordinator_app = typer.Typer(help="A stream's coordinator state: timeline, release.", no_args_is_help=True)
+app.add_typer(coordinator_app, name="coordinator")
 console = Console()
 
 
@@ -32,11 +34,11 @@ def fail(message: str, code: int = 1) -> None:
 def build_run_config(
     config: Path | None, strategies: list[str], tasks: int | None, steps: int | None,
     out: str | None, seed: int | None, backbone: str | None, workers: int | None,
-    data: str | None, test_rows: int | None, executor: str | None = None,
+    data: str | None, test_rows: int | None, executor: str | None = None, stream: str | None = None,
 ) -> RunConfig:
     """YAML (if given) first, then flags on top; validation happens in the dataclasses."""
     raw: dict = yaml.safe_load(config.read_text()) or {} if config else {}
-    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows}
+    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows, "stream": stream}
     raw.update({k: v for k, v in flags.items() if v is not None})
     if strategies:
         raw["strategies"] = list(strategies)
@@ -69,6 +71,7 @@ def run(
     executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
+    from strata.coordinator import TaskBusy
     from strata.data.schema import DatasetError
     from strata.pipeline import run as run_pipeline
 
@@ -77,10 +80,125 @@ def run(
             config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows, executor
         )
         run_pipeline(cfg, console)
+    except TaskBusy as e:
+        fail(str(e))
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, DatasetError):
             console.print(e.report.format())
         fail(str(e).splitlines()[0] if isinstance(e, DatasetError) else str(e))
+
+
+STREAM_OUT = typer.Option("runs/stream", help="The stream's directory (data, state, versions).")
+STREAM_NAME = typer.Option("default", help="Stream name (names its coordinator).")
+
+
+def stream_config(config: Path | None, out: str, stream: str, backbone: str | None, steps: int | None,
+                  workers: int | None, executor: str | None) -> RunConfig:
+    """The run config of an open stream job (`arrive`, `evaluate`)."""
+    return build_run_config(config, [], None, steps, out, None, backbone, workers, None, None, executor, stream)
+
+
+@app.command()
+def arrive(
+    task: str = typer.Option(..., help="Name of the arriving task."),
+    dataset: Path = typer.Option(..., help="Its Parquet dataset (train, val and test splits)."),
+    strategy: str = typer.Option("decoupled", help="The strategy that learns the stream."),
+    out: str = STREAM_OUT,
+    stream: str = STREAM_NAME,
+    config: Path | None = typer.Option(None, help="YAML file that fills the run config."),
+    backbone: str | None = typer.Option(None, help="builtin:tiny, builtin:test, or a local model dir."),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    workers: int | None = typer.Option(None, help="Ray Train workers."),
+    executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
+) -> None:
+    """One new task: validate its dataset, train, evaluate every arrived task, and record it."""
+    from strata.coordinator import TaskBusy
+    from strata.data.schema import DatasetError
+    from strata.open_stream import arrive as arrive_task
+
+    try:
+        cfg = stream_config(config, out, stream, backbone, steps, workers, executor)
+        arrive_task(cfg, strategy, task, dataset, console)
+    except DatasetError as e:
+        console.print(e.report.format())
+        fail(f"dataset {dataset} for task {task!r} is invalid; nothing was trained or recorded")
+    except (ValueError, FileNotFoundError, TaskBusy) as e:
+        fail(str(e))
+
+
+@app.command()
+def evaluate(
+    strategy: str = typer.Option("decoupled", help="The strategy whose adapters to evaluate."),
+    version: int | None = typer.Option(None, help="Version of the shared adapter (default: the latest)."),
+    out: str = STREAM_OUT,
+    stream: str = STREAM_NAME,
+    config: Path | None = typer.Option(None, help="YAML file that fills the run config."),
+    backbone: str | None = typer.Option(None, help="builtin:tiny, builtin:test, or a local model dir."),
+) -> None:
+    """Re-evaluate a version of a strategy's adapters on every arrived task's test rows."""
+    from strata.open_stream import evaluate as evaluate_stream
+
+    try:
+        evaluate_stream(stream_config(config, out, stream, backbone, None, None, None), strategy, version, console)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+
+
+@app.command()
+def tune(space: Path = typer.Argument(..., help="A sweep YAML, e.g. tune_spaces/dgg.yaml."),
+         out: str | None = typer.Option(None, help="Where trials and the summary go (default: the YAML's out).")) -> None:
+    """Launch a Ray Tune sweep: each trial learns the stream and reports after every task."""
+    import dataclasses
+
+    from strata.tune import load_sweep, sweep_run
+
+    try:
+        sweep = load_sweep(space)
+        if out is not None:
+            sweep = dataclasses.replace(sweep, out=out)
+        grid = sweep_run(sweep, console)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if grid.num_errors == len(grid):
+        fail(f"every trial of sweep {sweep.name!r} failed; first error: {grid.errors[0]}")
+
+
+def stream_coordinator(stream: str, out: str, storage: str | None):
+    """The stream's coordinator: through its actor inside a Ray cluster (RAY_ADDRESS), else its file."""
+    import os
+
+    from strata.coordinator import Coordinator
+    from strata.train.driver import init_ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        init_ray()
+    return Coordinator(stream, storage or str(Path(out).resolve() / "coordinator"),
+                       use_ray=bool(os.environ.get("RAY_ADDRESS")))
+
+
+@coordinator_app.command("show")
+def coordinator_show(stream: str = STREAM_NAME, out: str = STREAM_OUT,
+                     storage: str | None = typer.Option(None, help="Coordinator storage (default <out>/coordinator).")) -> None:
+    """Print a stream's task timeline per strategy, as the coordinator recorded it."""
+    state = stream_coordinator(stream, out, storage).snapshot()
+    table = Table(title=f"stream {stream}")
+    for col in ("strategy", "task", "status", "attempt", "version", "owner"):
+        table.add_column(col)
+    for name, st in state["strategies"].items():
+        for e in st["timeline"]:
+            table.add_row(name, e["task"], e["status"], str(e["attempt"]), str(e.get("version", "—")), e["owner"])
+    console.print(table)
+
+
+@coordinator_app.command("release")
+def coordinator_release(stream: str, strategy: str, task: str, out: str = STREAM_OUT,
+                        storage: str | None = typer.Option(None, help="Coordinator storage (default <out>/coordinator).")) -> None:
+    """Mark a task left `training` by a job that died as failed, so it can be trained again."""
+    try:
+        entry = stream_coordinator(stream, out, storage).release(strategy, task)
+    except (KeyError, ValueError) as e:
+        fail(str(e))
+    console.print(f"{stream}/{strategy}/{task}: {entry['status']}")
 
 
 @data_app.command("validate")

@@ -215,20 +215,30 @@ class LwFConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How each task is trained."""
+    """How each task is trained, and on what: Ray Train scaling, storage, fault tolerance, precision."""
 
     steps: int = 100  # optimizer steps per task; more steps learn more and forget more
     batch_size: int = 32  # global batch, split across workers
     lr: float = 2e-3
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    num_workers: int = 1  # Ray Train workers; DDP over gloo when > 1
+    max_grad_norm: float = 1.0  # 0 disables clipping (always done by the loop, after DGG's ĝ)
+    num_workers: int = 1  # Ray Train workers; DDP (or DeepSpeed) when > 1
     cpus_per_worker: int | None = None  # None: the cluster's CPUs split evenly across workers
+    use_gpu: bool = False  # one GPU per worker and NCCL; False: CPU workers and gloo
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
+    storage_path: str | None = None  # Ray Train checkpoints: a local dir or any pyarrow.fs URI (s3://...)
+    max_failures: int = 2  # worker-group restarts per task; each resumes from the last checkpoint
+    checkpoint_every: int = 25  # steps between resumable checkpoints (0: only the final adapter)
+    report_every: int = 1  # steps between metric reports to Ray (each costs a round trip to the controller)
+    zero_stage: int | None = None  # None: plain DDP; 0-3: DeepSpeed ZeRO stage
+    zero_offload: bool = False  # DeepSpeed: optimizer state on the CPU (DeepSpeedCPUAdam)
+    bf16: bool = False  # bfloat16 autocast for forward/backward (adapter weights stay fp32)
+    gradient_checkpointing: bool = False  # recompute backbone activations in backward to save memory
     seed: int = 0
     executor: str = "ray"  # "ray": Ray Train workers; "local": the same loop in this process (1 worker)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_workers"):
+        for name in ("steps", "batch_size", "num_workers", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.num_workers:
@@ -238,12 +248,25 @@ class TrainConfig:
             )
         if self.cpus_per_worker is not None and self.cpus_per_worker < 1:
             raise ValueError(f"train.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr < 0:  # lr = 0 is allowed: a sweep's known-bad control trains nothing
+            raise ValueError(f"train.lr must be >= 0, got {self.lr}")
+        _check_positive(self, "train", at_least_zero=("max_failures", "checkpoint_every", "weight_decay",
+                                                       "max_grad_norm"))
+        for key, amount in self.resources_per_worker.items():
+            if key in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"train.resources_per_worker[{key!r}] must be a custom resource with an "
+                                 f"amount > 0 (CPU and GPU have their own fields), got {amount!r}")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be null or one of 0, 1, 2, 3, got {self.zero_stage!r}")
+        if self.zero_offload and self.zero_stage is None:
+            raise ValueError("train.zero_offload needs train.zero_stage (DeepSpeed offloads ZeRO state)")
         if self.executor not in ("ray", "local"):
             raise ValueError(f"train.executor must be 'ray' or 'local', got {self.executor!r}")
         if self.executor == "local" and self.num_workers != 1:
             raise ValueError("train.executor 'local' runs one worker; use 'ray' for num_workers > 1")
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -254,6 +277,8 @@ class RunConfig:
     tasks: int = 8  # how many tasks of the stream to learn, in order
     data: str | None = None  # directory of <task>.parquet; None generates the built-in benchmark
     out: str = "runs/default"
+    stream: str = "default"  # names the coordinator actor that holds this stream's state
+    storage: str | None = None  # coordinator state: a dir or pyarrow.fs URI; None: <out>/coordinator
     seed: int = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
@@ -278,6 +303,7 @@ class RunConfig:
                 raise ValueError(f"unknown strategy {s!r}; known: {sorted(STRATEGIES)}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
+        check_name(self.stream, "stream name")
         if "decoupled" in self.strategies and self.adapter.kind not in MULTI_ADAPTER_KINDS:
             raise ValueError(f"strategy 'decoupled' keeps one adapter per task on one model, which only "
                              f"{MULTI_ADAPTER_KINDS} support; adapter.kind is {self.adapter.kind!r}")

@@ -1,7 +1,7 @@
 """The continual run: for each strategy, learn the stream task by task and fill the accuracy matrix.
 
-Per task: mix the rows (strategy) → train on Ray Train → install the adapter → strategy
-bookkeeping → evaluate every task of the stream. The same code runs on a laptop and in a Ray job.
+Per task, `arrival.learn_task`: begin in the coordinator → train on Ray Train → install the
+adapter → strategy bookkeeping → evaluate → record. The same code runs on a laptop and in a Ray job.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform as py_platform
 import shutil
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -22,20 +23,22 @@ from rich.console import Console
 from rich.progress import Progress
 
 from strata.adapters.placement import check, check_kind
+from strata.arrival import StrategyStream, evaluate_all, learn_task
 from strata.atomic import write_text
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import RunConfig, check_name
+from strata.coordinator import Coordinator
 from strata.data.benchmark import TASKS, write_benchmark
 from strata.data.collate import Encoded, encode_table
-from strata.data.schema import load_dataset, read_table, write_table
-from strata.eval.evaluate import TaskResult, evaluate_task
+from strata.data.schema import load_dataset, write_table
+from strata.eval.evaluate import TaskResult
 from strata.eval.metrics import summarize
 from strata.eval.plots import plot_accuracy_matrix
 from strata.eval.report import comparison_table, matrix_table
 from strata.eval.scoring import SCORER_VERSION
-from strata.strategies import make_strategy
-from strata.strategies.base import Strategy, TaskContext
-from strata.train.driver import TaskJob, fit_local, fit_task, init_ray
+from strata.train.driver import init_ray
+
+TaskCallback = Callable[[str, int, dict], None]
 
 _VERSIONED = ("torch", "transformers", "peft", "ray", "pyarrow", "strata")
 
@@ -65,29 +68,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def eval_model(cfg: RunConfig, backbone_path: Path, strategy: Strategy, ctx: TaskContext | None):
-    """A fresh backbone with the strategy's adapters after task `ctx` (None: the bare backbone)."""
-    model, processor = load_backbone(cfg.backbone, backbone_path)
-    return (strategy.load_eval(model, ctx) if ctx else model), processor
-
-
-def evaluate_all(model, processor, strategy, ctx, tests: dict[str, Encoded], batch_size: int) -> dict[str, TaskResult]:
-    """Evaluate every task of the stream, routing each row as the strategy would at inference."""
-    results = {}
-    for task, enc in tests.items():
-        names = strategy.route(ctx, model, processor, enc, task) if ctx else [None] * len(enc)
-        results[task] = evaluate_task(model, processor, enc, names, batch_size)
-    return results
-
-
 def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict[str, pa.Table],
                  train_paths: dict[str, str], tests: dict[str, Encoded], backbone_path: Path, base: list[float],
-                 progress: Progress) -> dict:
+                 progress: Progress, coord: Coordinator, on_task: TaskCallback | None = None) -> dict:
     """Learn the whole stream with one strategy; write metrics, plot, predictions and manifest."""
-    out = Path(cfg.out).resolve() / name
-    state_dir = out / "state"
-    shutil.rmtree(state_dir, ignore_errors=True)  # a run starts from the frozen backbone
-    strategy = make_strategy(name, cfg)
+    s = StrategyStream(cfg, name, backbone_path, coord)
+    coord.reset(name, s.owner)  # a run starts from the frozen backbone (refused while another job trains it)
+    shutil.rmtree(s.state_dir, ignore_errors=True)
+    shutil.rmtree(s.out / "versions", ignore_errors=True)
     tasks = list(files)
     T = len(tasks)
     R = np.full((T, T), np.nan)
@@ -95,39 +83,29 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     training: list[dict] = []  # the loop's final metrics per task (time, trainable params, ...)
     bar = progress.add_task(f"{name}", total=T)
     for t, task in enumerate(tasks):
-        seen = {k: train_paths[k] for k in tasks[: t + 1]}
-        ctx = TaskContext(t, task, tuple(tasks[:t]), seen, str(state_dir), cfg.seed)
-        own = read_table(train_paths[task])
-        rows_path = state_dir / "rows.parquet"
-        write_table(strategy.training_table(ctx, own), rows_path)
-        job = TaskJob(strategy, ctx, str(rows_path), cfg.train, cfg.backbone, str(backbone_path))
-        if cfg.train.executor == "local":
-            trained = fit_local(job)
-        else:
-            trained = fit_task(job, str(out / "ray"), f"{name}-{t:02d}-{task}")
-        training.append({k: v for k, v in trained.items() if isinstance(v, (int, float, str))})
-        model, processor = eval_model(cfg, backbone_path, strategy, ctx)
-        strategy.after_task(ctx, own, model, processor)
         # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
         upcoming = {k: tests[k] for k in tasks[: t + 2]}
-        results = evaluate_all(model, processor, strategy, ctx, upcoming, cfg.eval_batch_size)
+        results, trained = learn_task(s, task, {k: train_paths[k] for k in tasks[: t + 1]}, upcoming)
+        training.append(trained)
         for i, other in enumerate(upcoming):
             R[t, i] = results[other].accuracy
             predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
         note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
+        if on_task is not None:
+            on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]], base[: t + 1]))
 
     sizes = [len(tests[t]) for t in tasks]
     matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]  # JSON has no NaN
     metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, "test_sizes": sizes,
                "base_accuracy": base, "scorer_version": SCORER_VERSION, "training": training,
                **summarize(R, sizes, base)}
-    if not strategy.shared:
+    if not s.strategy.shared:
         routed = [r for r in predictions if r["after_task"] == tasks[-1]]
         metrics["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)
-    write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-    plot_accuracy_matrix(R, tasks, out / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
-    write_table(pa.Table.from_pylist(predictions), out / "predictions.parquet")
-    write_text(out / "manifest.json", json.dumps(manifest(cfg, files, backbone_path, name), indent=2))
+    write_text(s.out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    plot_accuracy_matrix(R, tasks, s.out / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
+    write_table(pa.Table.from_pylist(predictions), s.out / "predictions.parquet")
+    write_text(s.out / "manifest.json", json.dumps(manifest(cfg, files, backbone_path, name), indent=2))
     return metrics
 
 
@@ -163,8 +141,17 @@ def manifest(cfg: RunConfig, files: dict[str, Path], backbone_path: Path, strate
     }
 
 
-def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
-    """Run every strategy of `cfg` on the stream; print the matrices and the comparison."""
+def coordinator(cfg: RunConfig) -> Coordinator:
+    """The stream's coordinator: the detached Ray actor with the Ray executor, else in-process."""
+    storage = cfg.storage or str(Path(cfg.out).resolve() / "coordinator")
+    return Coordinator(cfg.stream, storage, use_ray=cfg.train.executor == "ray")
+
+
+def run(cfg: RunConfig, console: Console | None = None, on_task: TaskCallback | None = None) -> dict[str, dict]:
+    """Run every strategy of `cfg` on the stream; print the matrices and the comparison.
+
+    `on_task(strategy, t, metrics)` is called after each task with the metrics of tasks 0..t (Tune).
+    """
     console = console or Console()
     out = Path(cfg.out).resolve()
     check_kind(cfg.adapter)  # a kind/placement pair outside the published table fails before any work
@@ -188,7 +175,9 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, dict]:
         tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
         zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
         base = [zero_shot[t].accuracy for t in files]
-        results = {s: run_strategy(cfg, s, files, tables, train_paths, tests, backbone_path, base, progress)
+        coord = coordinator(cfg)
+        results = {s: run_strategy(cfg, s, files, tables, train_paths, tests, backbone_path, base, progress,
+                                   coord, on_task)
                    for s in cfg.strategies}
     for name, m in results.items():
         console.print(matrix_table(m["accuracy_matrix"], m["tasks"], f"{name}: R[t][i] (%)"))

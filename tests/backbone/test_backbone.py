@@ -47,11 +47,6 @@ def test_local_dir_spec_loads_the_same_weights_as_builtin(backbone) -> None:
     assert processor.tokenizer.padding_side == "left"
 
 
-def test_quantized_spec_is_not_silently_ignored(backbone_dir: Path) -> None:
-    with pytest.raises(NotImplementedError, match="quantized"):
-        load_backbone(BackboneSpec(str(backbone_dir), quantization="4bit"), backbone_dir)
-
-
 def test_fingerprint_is_stable_and_content_based(backbone_dir: Path, tmp_path: Path) -> None:
     fp = fingerprint(backbone_dir)
     assert fp == fingerprint(backbone_dir)

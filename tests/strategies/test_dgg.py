@@ -18,6 +18,7 @@ from strata.config import AdapterSpec, DGGConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.strategies.base import TaskContext
 from strata.strategies.dgg import DGG
+from strata.train.grads import Grads
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -45,7 +46,7 @@ def toy(dgg: DGG, index: int, tmp_path: Path, grad: float | None) -> torch.nn.Li
 
 def step(dgg: DGG, model: torch.nn.Module, n: int = 1) -> None:
     for i in range(n):
-        dgg.after_backward(model, list(model.parameters()), i + 1)
+        dgg.after_backward(model, Grads(list(model.parameters())), i + 1)
 
 
 @pytest.mark.parametrize(
@@ -187,7 +188,7 @@ def test_guidance_pulls_the_adapter_toward_theta_star(test_spec, backbone_dir, t
         report = Collector(tmp_path / label)
         final = train_task(*load_backbone(test_spec, backbone_dir), DGG(adapter=LORA, opts=opts), second,
                            train_rows("shape"), cfg, report)
-        after = load_file(str(report.reports[-1][1] / "adapter_model.safetensors"))
+        after = load_file(str(report.reports[-1][1] / "adapter" / "adapter_model.safetensors"))
         results[label] = (distance(after, theta_star), final)
     (guided, guided_metrics), (plain, plain_metrics) = results["guided"], results["plain"]
     assert guided_metrics["dgg/injection_rate"] == 1.0 and guided_metrics["dgg/d_norm"] > 0

@@ -9,13 +9,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from reporting import Collector
 
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, EWCConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.strategies.base import TaskContext
 from strata.strategies.ewc import EWC, STATE_FILE, ewc_penalty, load_state, save_state
-from strata.train.driver import install
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -73,11 +73,8 @@ def train_rows(task: str) -> pa.Table:
     return table.filter(pc.equal(table["split"], "train"))
 
 
-def install_only(dest: Path):
-    def report(metrics: dict, ckpt: Path | None) -> None:
-        if ckpt is not None:
-            install(ckpt, dest)
-    return report
+def install_only(dest: Path) -> Collector:
+    return Collector(install_to=dest)
 
 
 @pytest.mark.parametrize("spec", [LORA, AdapterSpec(kind="bottleneck", visual_rank=4, text_rank=4)],

@@ -22,7 +22,7 @@ class Bottleneck(custom.StrataLayer):
         super().__init__()
         self.base = base
         dim = output_width(base)
-        ref = next(base.parameters())
+        ref = custom.float_reference(base)
         self.down = nn.Linear(dim, width, device=ref.device, dtype=ref.dtype)
         self.up = nn.Linear(width, dim, device=ref.device, dtype=ref.dtype)
         nn.init.zeros_(self.up.weight)  # identity at init: the backbone's behaviour is the starting point

@@ -66,7 +66,7 @@ class CrossModalMoE(custom.StrataLayer):
         super().__init__()
         if not 1 <= top_k <= experts:
             raise ValueError(f"top_k must be in [1, experts={experts}], got {top_k}")
-        ref = next(base.parameters())
+        ref = custom.float_reference(base)
         self.base = base
         self.top_k = top_k
         self.gate = nn.Linear(dim, experts, bias=False, device=ref.device, dtype=ref.dtype)

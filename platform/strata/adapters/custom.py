@@ -98,3 +98,13 @@ def load_side_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sr
                 raise ValueError(f"adapter {src}: {name} has shape {tuple(tensors[name].shape)}, "
                                  f"the model expects {tuple(p.shape)}")
             p.copy_(tensors[name])
+
+
+def float_reference(base: torch.nn.Module) -> torch.Tensor:
+    """A tensor whose device and dtype new adapter weights should take: the base layer's first
+    floating-point parameter, or float32 on its device when its weights are 4-/8-bit integers."""
+    params = list(base.parameters())
+    for p in params:
+        if p.is_floating_point():
+            return p
+    return torch.empty(0, device=params[0].device if params else "cpu", dtype=torch.float32)

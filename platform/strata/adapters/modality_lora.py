@@ -114,8 +114,9 @@ class ModalityLoRA(custom.StrataLayer):
         self.ctx = ctx  # a plain object, not a submodule: shared by every layer of the model
         self.scaling = cfg.alpha_ratio
         self.dropout = nn.Dropout(cfg.dropout)
-        self.text = TextMoE(base.in_features, base.out_features, cfg.experts, cfg.rank, base.weight)
-        self.visual = None if cfg.coupled else VisualLoRA(base.in_features, base.out_features, cfg.rank, base.weight)
+        like = custom.float_reference(base)  # never the 4-bit weight's integer dtype
+        self.text = TextMoE(base.in_features, base.out_features, cfg.experts, cfg.rank, like)
+        self.visual = None if cfg.coupled else VisualLoRA(base.in_features, base.out_features, cfg.rank, like)
         self.reset_stats(cfg.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,20 @@ def plot_conflict(report: dict, path: str | os.PathLike[str]) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def plot_sweep(trials: list[dict], metric: str, path: str | os.PathLike[str]) -> Path:
+    """One line per Tune trial: the metric after each task it learned (stopped trials end early)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for trial in trials:
+        history = trial["history"]
+        ax.plot(range(1, len(history) + 1), history, marker="o", label=trial["trial"][:20],
+                linestyle="--" if trial["stopped_early"] else "-")
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel(metric)
+    ax.set_title(f"sweep: {metric} per trial (dashed: stopped early)")
+    if trials:
+        ax.legend(fontsize=6)
+    save_figure(fig, Path(path))
+    plt.close(fig)
+    return Path(path)

@@ -18,6 +18,7 @@ import torch
 
 from strata.adapters.lora import add_adapter, load_adapter, save_adapter
 from strata.config import AdapterSpec
+from strata.train.grads import Grads
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,18 @@ class Strategy:
         """Extra loss terms (KD, EWC, ...) added to the task loss; None adds nothing."""
         return None
 
-    def after_backward(self, model: torch.nn.Module, params: list[torch.nn.Parameter], step: int) -> None:
-        """Edit the trainable gradients after backward, before clipping and the step (DGG)."""
+    def after_backward(self, model: torch.nn.Module, grads: Grads, step: int) -> None:
+        """Edit the trainable gradients after backward, before clipping and the step (DGG).
+
+        `grads` holds this rank's gradients: whole tensors, or ZeRO fragments (train/grads.py).
+        """
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """Per-task worker state a resumed worker needs besides the weights (random streams, counters)."""
+        return {}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `train_state` returned, after `before_task` on a restarted worker."""
 
     def metrics(self) -> dict[str, float]:
         """Strategy-specific numbers to report with the loss (expert use, injection rate, ...)."""

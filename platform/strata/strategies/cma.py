@@ -172,6 +172,15 @@ class CMA(Strategy):
         idx = rng.sample(range(len(self.memory)), min(self.opts.memory_batch, len(self.memory)))
         return {k: v.to(device) for k, v in collate(self.memory.select(idx), self.pad_id).items()}
 
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """This task's expert-selection counts so far (they decide the freeze after the task)."""
+        return {f"counts.{name}": layer.counts for name, layer in self.layers.items()}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue counting expert selections from the checkpoint's counts."""
+        for name, layer in self.layers.items():
+            layer.counts.copy_(state[f"counts.{name}"])
+
     def metrics(self) -> dict[str, float]:
         """Per-layer max share and entropy of this task's expert selections, frozen experts, loss terms."""
         out: dict[str, float] = {"cma/frozen_experts": float(self.frozen)}

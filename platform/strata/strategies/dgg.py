@@ -9,6 +9,7 @@ when it is the larger of the two. Replay rows (on by default) add a real, sparse
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -18,27 +19,30 @@ from strata.adapters.lora import trainable_parameters
 from strata.config import DGGConfig
 from strata.strategies.base import TaskContext
 from strata.strategies.replay import Replay
+from strata.train.grads import Grads
+
+Norm = Callable[[list[torch.Tensor | None]], torch.Tensor]
 
 
 def global_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
     """One L2 norm over all the tensors together (sqrt of the sum of squares); None counts as zero."""
-    # Under ZeRO each rank holds a shard of the gradients: issue 5 all-reduces this sum of squares.
     squares = [t.detach().float().pow(2).sum() for t in tensors if t is not None]
     return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
 
 
-def guidance(theta: list[torch.Tensor], anchor: list[torch.Tensor], grads: list[torch.Tensor | None],
-             scaling: bool = True) -> tuple[list[torch.Tensor], float, float]:
+def guidance(theta: list[torch.Tensor | None], anchor: list[torch.Tensor | None], grads: list[torch.Tensor | None],
+             scaling: bool = True, norm: Norm = global_norm) -> tuple[list[torch.Tensor | None], float, float]:
     """ĝ for every trainable tensor, with ‖θ − θ*‖ and ‖∇L‖ (both global over all tensors).
 
-    ĝ = (θ − θ*)·‖∇L‖/‖θ − θ*‖ when ‖θ − θ*‖ > ‖∇L‖ (and scaling is on), else θ − θ*.
+    ĝ = (θ − θ*)·‖∇L‖/‖θ − θ*‖ when ‖θ − θ*‖ > ‖∇L‖ (and scaling is on), else θ − θ*. Under ZeRO
+    the lists hold this rank's fragments and `norm` all-reduces the sums of squares.
     """
     if not len(theta) == len(anchor) == len(grads):
         raise ValueError(f"theta, anchor and grads must line up: {len(theta)}, {len(anchor)}, {len(grads)} tensors")
-    d = [p.detach() - a for p, a in zip(theta, anchor)]
-    d_norm, g_norm = global_norm(d), global_norm(grads)
+    d = [None if p is None else p.detach().float() - a.float() for p, a in zip(theta, anchor)]
+    d_norm, g_norm = norm(d), norm(grads)
     scale = (g_norm / d_norm).item() if scaling and d_norm > g_norm else 1.0
-    return [x * scale for x in d], d_norm.item(), g_norm.item()
+    return [None if x is None else x * scale for x in d], d_norm.item(), g_norm.item()
 
 
 def draw_seed(seed: int, task_index: int) -> int:
@@ -91,21 +95,26 @@ class DGG(Replay):
         """One Bernoulli(α) draw from this task's generator."""
         return bool(torch.rand((), generator=self.generator).item() < self.alpha)
 
-    def after_backward(self, model: torch.nn.Module, params: list[torch.nn.Parameter], step: int) -> None:
+    def after_backward(self, model: torch.nn.Module, grads: Grads, step: int) -> None:
         """With probability α (always, without Bernoulli) add ĝ to every trainable gradient."""
         self.steps += 1
         # Draw on every step, used or not, so the stream stays one draw per optimizer step on every rank.
         inject = self.draw() or not self.opts.bernoulli
         if self.anchor is None or not inject:
             return
-        grads = [p.grad for p in params]  # None where a param took no part in this batch's loss
-        g_hat, self.last_d_norm, self.last_grad_norm = guidance(params, self.anchor, grads, self.opts.scaling)
-        for p, g in zip(params, g_hat):
-            if p.grad is None:
-                p.grad = g.to(p.dtype).clone()
-            else:
-                p.grad.add_(g.to(p.grad.dtype))
+        g_hat, self.last_d_norm, self.last_grad_norm = guidance(
+            grads.thetas(), grads.local(self.anchor), grads.values(), self.opts.scaling, grads.norm)
+        grads.add(g_hat)
         self.injected += 1
+
+    def train_state(self) -> dict[str, torch.Tensor]:
+        """The Bernoulli stream's position and the counters, so a resumed worker draws on from here."""
+        return {"generator": self.generator.get_state(), "counts": torch.tensor([self.steps, self.injected])}
+
+    def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue the Bernoulli stream and counters where the checkpoint left them."""
+        self.generator.set_state(state["generator"])
+        self.steps, self.injected = (int(x) for x in state["counts"])
 
     def metrics(self) -> dict[str, float]:
         """Injection rate on this task so far, and the last ‖θ − θ*‖ and ‖∇L‖ used for ĝ."""

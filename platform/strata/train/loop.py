@@ -1,7 +1,8 @@
 """The per-task training loop: plain PyTorch, one function, read it top to bottom.
 
-It runs unchanged in a single process (tests) and inside each Ray Train worker (DDP over gloo
-when the process group is up). Ray-specific reporting is passed in as a callback.
+It runs unchanged in a single process (tests) and inside each Ray Train worker: DDP when the
+process group is up, or a DeepSpeed ZeRO engine when the config asks for one (train/zero.py).
+Ray-specific reporting is passed in as a callback.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ from strata.adapters.lora import trainable_parameters
 from strata.config import TrainConfig
 from strata.data.collate import collate, encode_table
 from strata.strategies.base import Strategy, TaskContext
+from strata.train import zero
+from strata.train.checkpoint import ADAPTER, RESUME, load_resume, save_resume
+from strata.train.grads import Grads
 
-Reporter = Callable[[dict, Path | None], None]  # (metrics, adapter checkpoint dir or None)
+Reporter = Callable[[dict, Path | None], None]  # (metrics, checkpoint dir or None; see train/checkpoint.py)
 
 
 def step_indices(n_rows: int, cfg: TrainConfig, task_index: int) -> list[list[int]]:
@@ -40,6 +44,14 @@ def step_indices(n_rows: int, cfg: TrainConfig, task_index: int) -> list[list[in
     return batches
 
 
+def answer_tokens(batch: dict, distributed: bool) -> torch.Tensor:
+    """Answer tokens in the global batch (summed over ranks), so every rank divides by the same count."""
+    count = (batch["labels"][:, 1:] != -100).sum()
+    if distributed:
+        dist.all_reduce(count)
+    return count
+
+
 def train_task(
     backbone: torch.nn.Module,
     processor,
@@ -49,19 +61,29 @@ def train_task(
     cfg: TrainConfig,
     report: Reporter,
     log_every: int = 10,
+    resume: Path | None = None,
+    device: torch.device | None = None,
 ) -> dict:
-    """Train the strategy's adapter for one task and report the saved adapter; returns metrics."""
+    """Train the strategy's adapter for one task and report the saved adapter; returns metrics.
+
+    Every step reports its metrics; every `cfg.checkpoint_every` steps the report carries a
+    resumable checkpoint, and `resume` (a checkpoint's directory) continues from one.
+    """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed + ctx.index)
+    if cfg.gradient_checkpointing:  # the frozen backbone recomputes activations in backward
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     model = strategy.before_task(backbone, processor, ctx)
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)
     params = trainable_parameters(model)
     if not params:
         raise RuntimeError(f"strategy {strategy.name!r} left no trainable parameters for {ctx.name!r}")
     n_trainable = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in model.parameters())
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     enc = encode_table(processor, rows, with_answers=True)
     pad_id = processor.tokenizer.pad_token_id
@@ -71,34 +93,64 @@ def train_task(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))
     )
+    first, loss_ema = 1, float("nan")
+    if resume is not None:
+        done, loss_ema = load_resume(resume / RESUME, model, opt, strategy)
+        for _ in range(done):
+            sched.step()
+        first = done + 1
+        if rank == 0:
+            print(f"[{strategy.name}] {ctx.name}: resumed from the checkpoint at step {done}", flush=True)
+    engine = zero.initialize(model, opt, sched, cfg, per_rank) if cfg.zero_stage is not None else None
+    train_model = engine or (torch.nn.parallel.DistributedDataParallel(model) if distributed else model)
 
     model.train()
     started = time.time()
-    loss_ema = float("nan")
-    for step, global_idx in enumerate(step_indices(len(enc), cfg, ctx.index), start=1):
-        batch = collate(enc.select(global_idx[rank * per_rank : (rank + 1) * per_rank]), pad_id)
-        # loss: mean CE over answer tokens only
-        outputs = train_model(**batch, output_hidden_states=strategy.needs_hidden_states)
-        loss = outputs.loss
-        extra = strategy.loss(model, batch, outputs, step)
+    batches = step_indices(len(enc), cfg, ctx.index)
+    for step in range(first, cfg.steps + 1):
+        shard = batches[step - 1][rank * per_rank : (rank + 1) * per_rank]
+        batch = {k: v.to(device) for k, v in collate(enc.select(shard), pad_id).items()}
+        if engine is not None and cfg.bf16:  # DeepSpeed casts the whole module to bf16
+            batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and engine is None):
+            # Summed CE over answer tokens / the global count; DDP and ZeRO average over ranks, hence × world.
+            outputs = train_model(**batch, output_hidden_states=strategy.needs_hidden_states,
+                                  num_items_in_batch=answer_tokens(batch, distributed))
+            loss = outputs.loss.float() * world
+            extra = strategy.loss(model, batch, outputs, step)
         if extra is not None:
             loss = loss + extra
-        loss.backward()
-        strategy.after_backward(model, params, step)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if engine is not None:
+            engine.backward(loss)
+        else:
+            loss.backward()
+        grads = Grads(params, zero.fragments(params) if engine is not None else None)
+        strategy.after_backward(model, grads, step)
+        if cfg.max_grad_norm > 0:  # after ĝ, over this rank's (all-reduced) gradients
+            grads.clip(cfg.max_grad_norm)
+        if engine is not None:
+            engine.step()  # the optimizer and scheduler step; DeepSpeed clears the gradients
+        else:
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
 
-        loss_ema = loss.item() if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * loss.item()
-        if step % log_every == 0 or step == cfg.steps:
-            metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": sched.get_last_lr()[0],
-                       **strategy.metrics()}
-            if rank == 0:
-                print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}", flush=True)
-            if step < cfg.steps:
-                report(metrics, None)
+        value = outputs.loss.item() * world  # this rank's task CE (strategy terms not included)
+        loss_ema = value if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * value
+        if rank == 0 and (step % log_every == 0 or step == cfg.steps):
+            print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}", flush=True)
+        if step == cfg.steps:
+            break
+        metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": sched.get_last_lr()[0],
+                   **strategy.metrics()}
+        # Under ZeRO the optimizer state is partitioned: a restarted group restarts the task instead.
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and engine is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_resume(Path(tmp) / RESUME, model, opt, strategy, step, loss_ema)
+                report(metrics, Path(tmp) if rank == 0 else None)
+        elif step % cfg.report_every == 0:
+            report(metrics, None)
 
     model.eval()
     final = {
@@ -108,11 +160,11 @@ def train_task(
         "train_seconds": time.time() - started,
         "trainable_params": n_trainable,
         "trainable_pct": 100.0 * n_trainable / n_total,
+        "resumed_from": first - 1,
         **strategy.metrics(),
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
+    with tempfile.TemporaryDirectory() as tmp, zero.gathered(params, cfg.zero_stage):
         if rank == 0:
-            ckpt = strategy.save(model, ctx, Path(tmp) / "adapter")
-        report(final, ckpt)
+            strategy.save(model, ctx, Path(tmp) / ADAPTER)
+        report(final, Path(tmp) if rank == 0 else None)
     return final

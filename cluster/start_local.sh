@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# A multi-node Ray cluster on one machine: a head plus N worker nodes, each its own raylet, so
+# the cluster has several nodes. For trying the cluster code paths on one machine.
+#
+#   cluster/start_local.sh 1 1    # head + 1 worker node, 1 CPU each; prints the dashboard address
+#   ray stop --force              # tears all of them down
+#
+# Token auth (Ray's default) needs a token before `ray start`; job submission needs RAY_AUTH_MODE.
+# Checked here: head + 1 worker node, then `RAY_ADDRESS=auto strata run --workers 2 ...` trained and
+# evaluated a task (one machine, so both raylets share an IP and Ray Train reports node_rank 0).
+set -euo pipefail
+NODES="${1:-1}"
+CPUS="${2:-1}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+PORT="${RAY_PORT:-6380}"
+DASHBOARD="${RAY_DASHBOARD_PORT:-8265}"
+ray get-auth-token --generate >/dev/null
+ray start --head --port="$PORT" --num-cpus="$CPUS" --dashboard-host=127.0.0.1 \
+    --dashboard-port="$DASHBOARD" --include-dashboard=true --disable-usage-stats >/dev/null
+for _ in $(seq "$NODES"); do
+    ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --disable-usage-stats >/dev/null
+done
+echo "cluster up: head + $NODES worker node(s), $CPUS CPU(s) each; dashboard http://127.0.0.1:$DASHBOARD"
+echo "submit with: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:$DASHBOARD --working-dir . -- python -m jobs.stream ..."

@@ -1,0 +1,214 @@
+"""The stream coordinator: one named, detached Ray actor per stream that owns its continual state.
+
+It keeps the task timeline (arrived → training → evaluated → promoted | rejected, or failed), and
+for each strategy the pointers to the task optima θ*, the CMA expert-freeze masks, the replay
+index and the adapter versions. Tensors stay in storage; the actor keeps paths and content hashes.
+Every change is written to `<storage>/<stream>/coordinator.json` (temp file, then rename) before
+the call returns, so a restarted actor (`max_restarts=-1`) reloads exactly what was acknowledged.
+Calls are idempotent per owner because Ray retries a call that was in flight when the actor died.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from strata.config import check_name
+
+STATUSES = ("arrived", "training", "evaluated", "promoted", "rejected", "failed")
+FINAL = ("promoted", "rejected")
+NAMESPACE = "strata"
+
+
+class TaskBusy(RuntimeError):
+    """A second job tried to start a task that another job is training."""
+
+
+def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for a local directory or any pyarrow.fs URI (s3://, gs://, ...)."""
+    if "://" not in uri:
+        uri = str(Path(uri).resolve())
+    return pafs.FileSystem.from_uri(uri)
+
+
+class StreamState:
+    """The coordinator's logic as a plain object (the actor wraps it; tests can use it directly)."""
+
+    def __init__(self, stream: str, storage: str) -> None:
+        self.stream = check_name(stream, "stream name")
+        self.storage = storage
+        self.fs, root = open_storage(storage)
+        self.dir = f"{root.rstrip('/')}/{stream}"
+        self.path = f"{self.dir}/coordinator.json"
+        self.fs.create_dir(self.dir, recursive=True)
+        info = self.fs.get_file_info(self.path)
+        self.reloaded = info.type == pafs.FileType.File
+        if self.reloaded:
+            with self.fs.open_input_stream(self.path) as f:
+                self.state = json.loads(f.read())
+        else:
+            self.state = {"stream": stream, "schema": 1, "strategies": {}}
+        self.started = time.time()
+
+    # ---- reading --------------------------------------------------------------------------
+    def info(self) -> dict:
+        """Who is answering: process id, start time and whether state came back from storage."""
+        return {"stream": self.stream, "storage": self.storage, "pid": os.getpid(),
+                "started": self.started, "reloaded": self.reloaded}
+
+    def snapshot(self) -> dict:
+        """A copy of the whole state."""
+        return json.loads(json.dumps(self.state))
+
+    def timeline(self, strategy: str) -> list[dict]:
+        """The tasks of one strategy's stream, in arrival order, with their status and history."""
+        return self.snapshot()["strategies"].get(strategy, {}).get("timeline", [])
+
+    # ---- changing (each call persists before it returns) ----------------------------------
+    def reset(self, strategy: str, owner: str) -> None:
+        """Forget a strategy's stream (a fresh `strata run`); refused while another job trains it."""
+        for entry in self.timeline(strategy):
+            if entry["status"] == "training" and entry["owner"] != owner:
+                raise TaskBusy(self._busy(strategy, entry))
+        self.state["strategies"].pop(strategy, None)
+        self._save()
+
+    def begin_task(self, strategy: str, task: str, owner: str) -> dict:
+        """Mark `task` training for `owner`; the same owner may call again, anyone else is refused."""
+        check_name(task, "task name")
+        entry = self._entry(strategy, task)
+        if entry is None:
+            entry = {"task": task, "status": "arrived", "owner": owner, "attempt": 0, "history": []}
+            self._strategy(strategy)["timeline"].append(entry)
+            self._mark(entry, "arrived")
+        elif entry["status"] == "training" and entry["owner"] == owner:
+            return dict(entry)  # a retried call: nothing new
+        elif entry["status"] == "training":
+            raise TaskBusy(self._busy(strategy, entry))
+        elif entry["status"] in FINAL or entry["status"] == "evaluated":
+            raise TaskBusy(f"task {task!r} of stream {self.stream!r} ({strategy}) is already "
+                           f"{entry['status']}; a task is learned once per stream")
+        entry.update(owner=owner, attempt=entry["attempt"] + 1, run_id=uuid.uuid4().hex[:8])
+        self._mark(entry, "training")
+        self._save()
+        return dict(entry)
+
+    def set_status(self, strategy: str, task: str, owner: str, status: str, **info: Any) -> dict:
+        """Move a task the caller owns to `status` (evaluated, failed, ...) and record `info`."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown task status {status!r}; known: {STATUSES}")
+        entry = self._owned(strategy, task, owner)
+        if entry["status"] != status:
+            self._mark(entry, status)
+        entry.update(info)
+        self._save()
+        return dict(entry)
+
+    def commit_task(self, strategy: str, task: str, owner: str, status: str, record: dict) -> dict:
+        """Finish a task: promoted (with its optimum, freeze masks, replay index, adapter version) or rejected."""
+        if status not in FINAL:
+            raise ValueError(f"commit_task needs one of {FINAL}, got {status!r}")
+        entry = self._owned(strategy, task, owner)
+        if entry["status"] in FINAL:
+            return dict(entry)  # a retried call after the write: already done
+        s = self._strategy(strategy)
+        if status == "promoted":
+            adapter = record["adapter"]
+            versions = s["adapters"].setdefault(adapter["name"], [])
+            entry["version"] = len(versions) + 1
+            versions.append({**adapter, "version": entry["version"], "task": task})
+            s["optima"][task] = adapter  # θ* for the next task is this task's end state
+            s["freeze"] = record.get("freeze", s["freeze"])
+            s["replay"] = record.get("replay", s["replay"])
+        entry.update({k: v for k, v in record.items() if k in ("accuracy", "metrics", "reasons")})
+        self._mark(entry, status)
+        self._save()
+        return dict(entry)
+
+    def release(self, strategy: str, task: str) -> dict:
+        """Mark a task left `training` by a dead job as failed, so it can be trained again."""
+        entry = self._entry(strategy, task)
+        if entry is None:
+            raise KeyError(f"stream {self.stream!r} ({strategy}) has no task {task!r}")
+        if entry["status"] == "training":
+            self._mark(entry, "failed")
+            entry["reasons"] = ["released by an operator"]
+            self._save()
+        return dict(entry)
+
+    # ---- internals ---------------------------------------------------------------------------
+    def _strategy(self, strategy: str) -> dict:
+        return self.state["strategies"].setdefault(
+            strategy, {"timeline": [], "optima": {}, "freeze": {}, "replay": {}, "adapters": {}})
+
+    def _entry(self, strategy: str, task: str) -> dict | None:
+        return next((e for e in self._strategy(strategy)["timeline"] if e["task"] == task), None)
+
+    def _owned(self, strategy: str, task: str, owner: str) -> dict:
+        entry = self._entry(strategy, task)
+        if entry is None:
+            raise KeyError(f"stream {self.stream!r} ({strategy}) has no task {task!r}; call begin_task first")
+        if entry["owner"] != owner:
+            raise TaskBusy(f"task {task!r} of stream {self.stream!r} belongs to job {entry['owner']}, not {owner}")
+        return entry
+
+    def _busy(self, strategy: str, entry: dict) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["history"][-1]["time"]))
+        return (f"task {entry['task']!r} of stream {self.stream!r} ({strategy}) is already training in job "
+                f"{entry['owner']} (since {since}); wait for it, or if that job died run "
+                f"`strata coordinator release {self.stream} {strategy} {entry['task']}`")
+
+    @staticmethod
+    def _mark(entry: dict, status: str) -> None:
+        entry["status"] = status
+        entry["history"].append({"status": status, "time": time.time()})
+
+    def _save(self) -> None:
+        """Write the state next to its final name, then rename over it: readers see old or new, never half."""
+        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(self.state, indent=1).encode())
+        self.fs.move(tmp, self.path)
+
+
+def actor_name(stream: str, storage: str) -> str:
+    """The Ray actor name of a stream's coordinator: a stream is its name inside its storage."""
+    where = hashlib.sha256(_normal(storage).encode()).hexdigest()[:8]
+    return f"coordinator:{check_name(stream, 'stream name')}:{where}"
+
+
+class Coordinator:
+    """A handle on a stream's coordinator: the detached Ray actor when Ray is up, else in-process."""
+
+    def __init__(self, stream: str, storage: str, use_ray: bool = True) -> None:
+        import ray
+
+        self.actor = None
+        if use_ray and ray.is_initialized():
+            remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(StreamState)
+            self.actor = remote.options(name=actor_name(stream, storage), namespace=NAMESPACE,
+                                        lifetime="detached", get_if_exists=True).remote(stream, storage)
+        else:
+            self.local = StreamState(stream, storage)
+
+    def __getattr__(self, method: str):
+        """Call a StreamState method on the actor (blocking) or in-process."""
+        if method.startswith("_"):
+            raise AttributeError(method)
+        if self.actor is None:
+            return getattr(self.local, method)
+        import ray
+
+        remote = getattr(self.actor, method)
+        return lambda *args, **kwargs: ray.get(remote.remote(*args, **kwargs))
+
+
+def _normal(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).resolve())

@@ -1,0 +1,141 @@
+"""An open-ended stream: tasks arrive one job at a time (`arrive`), and any version can be re-evaluated.
+
+The stream lives under `cfg.out`: validated datasets in `data/`, each strategy's state, versions
+and metrics in `<strategy>/`, and its coordinator state in `cfg.storage` (default
+`<out>/coordinator`). The accuracy matrix is rebuilt from the coordinator's timeline, so an
+arrival never depends on what an earlier job held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from strata.arrival import StrategyStream, eval_model, evaluate_all, learn_task, tree_hash
+from strata.atomic import write_text
+from strata.backbone.load import load_backbone, resolve
+from strata.config import RunConfig, check_name
+from strata.data.collate import encode_table
+from strata.data.schema import load_dataset, read_table, write_table
+from strata.eval.metrics import summarize
+from strata.eval.plots import plot_accuracy_matrix
+from strata.eval.report import matrix_table
+from strata.pipeline import coordinator, split
+from strata.strategies.base import TaskContext
+from strata.train.driver import init_ray
+
+
+def open_stream(cfg: RunConfig, strategy: str) -> StrategyStream:
+    """The strategy's stream under cfg.out, with its backbone resolved and Ray joined if needed."""
+    if strategy not in cfg.strategies:
+        cfg = RunConfig(**{**cfg.__dict__, "strategies": (strategy,)})
+    backbone_path = resolve(cfg.backbone)
+    if cfg.train.executor == "ray":
+        init_ray()
+    return StrategyStream(cfg, strategy, backbone_path, coordinator(cfg))
+
+
+def data_dir(cfg: RunConfig) -> Path:
+    """Where the stream keeps each arrived task's validated dataset."""
+    return Path(cfg.out).resolve() / "data"
+
+
+def arrive(cfg: RunConfig, strategy: str, task: str, dataset: Path, console: Console | None = None) -> dict:
+    """Validate a new task's dataset, then train, evaluate and record it; returns the stream's metrics.
+
+    A bad dataset raises DatasetError before anything is written or registered.
+    """
+    console = console or Console()
+    check_name(task, "task name")
+    table = load_dataset(dataset)  # validation first: a rejected dataset leaves no trace
+    s = open_stream(cfg, strategy)
+    if task in s.learned():
+        raise ValueError(f"task {task!r} was already learned by {strategy!r} in stream {cfg.stream!r}")
+    write_table(table, data_dir(cfg) / f"{task}.parquet")
+    write_table(split(table, "train"), data_dir(cfg) / f"{task}.train.parquet")
+    tasks = [*s.learned(), task]
+    console.log(f"{strategy}: task {task!r} arrives as number {len(tasks)} of stream {cfg.stream!r}")
+    train_paths = {t: str(data_dir(cfg) / f"{t}.train.parquet") for t in tasks}
+    _, processor = load_backbone(cfg.backbone, s.backbone_path)
+    results, trained = learn_task(s, task, train_paths, test_sets(cfg, processor, tasks))
+    console.log(f"{strategy}: {task!r} trained in {trained.get('train_seconds', 0):.1f} s, "
+                f"accuracy {results[task].accuracy:.1f}")
+    return write_metrics(s, console)
+
+
+def test_sets(cfg: RunConfig, processor, tasks: list[str]) -> dict:
+    """Encoded `test` rows of each arrived task."""
+    # Validated once at arrival; re-reading skips the image decoding of validation.
+    return {t: encode_table(processor, split(read_table(data_dir(cfg) / f"{t}.parquet"), "test"),
+                            with_answers=False) for t in tasks}
+
+
+def write_metrics(s: StrategyStream, console: Console) -> dict:
+    """Rebuild R from the coordinator's timeline, print it, and write metrics.json and the heat map."""
+    entries = [e for e in s.coord.timeline(s.name) if e["status"] == "promoted"]
+    tasks = [e["task"] for e in entries]
+    R = np.full((len(tasks), len(tasks)), np.nan)
+    for t, entry in enumerate(entries):
+        for i, other in enumerate(tasks[: t + 1]):
+            R[t, i] = entry["accuracy"][other]
+    sizes = [len(split(pq.read_table(data_dir(s.cfg) / f"{t}.parquet", columns=["split"]), "test")) for t in tasks]
+    matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]
+    metrics = {"strategy": s.name, "stream": s.cfg.stream, "tasks": tasks, "accuracy_matrix": matrix,
+               "versions": [e.get("version") for e in entries], **summarize(R, sizes)}
+    write_text(s.out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    plot_accuracy_matrix(R, tasks, s.out / "accuracy_matrix.png", title=f"{s.name}: accuracy (%)")
+    console.print(matrix_table(matrix, tasks, f"{s.name} on stream {s.cfg.stream}: R[t][i] (%)"))
+    return metrics
+
+
+def evaluate(cfg: RunConfig, strategy: str, version: int | None = None, console: Console | None = None) -> dict:
+    """Re-evaluate a strategy's adapters on every arrived task's test rows: the latest, or version N.
+
+    A version number picks one snapshot of a shared adapter; Decoupled keeps one adapter per task,
+    so its version set is always the latest adapter of every task.
+    """
+    console = console or Console()
+    s = open_stream(cfg, strategy)
+    tasks = s.learned()
+    if not tasks:
+        raise ValueError(f"{strategy!r} has learned no task in stream {cfg.stream!r} yet")
+    ctx = TaskContext(len(tasks) - 1, tasks[-1], tuple(tasks[:-1]), {}, str(s.state_dir), cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        if version is not None:
+            ctx = pinned(s, ctx, version, Path(tmp))
+        model, processor = eval_model(cfg, s.backbone_path, s.strategy, ctx)
+        results = evaluate_all(model, processor, s.strategy, ctx, test_sets(cfg, processor, tasks),
+                               cfg.eval_batch_size)
+    row = {t: r.accuracy for t, r in results.items()}
+    label = f"v{version}" if version else "latest"
+    table = Table(title=f"{strategy} ({label}) on stream {cfg.stream}: test accuracy (%)")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_row(*(f"{row[t]:.1f}" for t in tasks))
+    console.print(table)
+    report = {"strategy": strategy, "version": version, "accuracy": row}
+    write_text(s.out / f"evaluate-{label}.json", json.dumps(report, indent=2))
+    return report
+
+
+def pinned(s: StrategyStream, ctx: TaskContext, version: int, tmp: Path) -> TaskContext:
+    """A context whose adapters directory holds version `version` of the shared adapter."""
+    if not s.strategy.shared:
+        raise ValueError(f"{s.name!r} keeps one adapter per task; evaluate it without --version")
+    name = s.strategy.adapter_name(ctx)
+    versions = s.coord.snapshot()["strategies"][s.name]["adapters"].get(name, [])
+    if not 1 <= version <= len(versions):
+        raise ValueError(f"{s.name!r} adapter {name!r} has versions 1..{len(versions)}, not {version}")
+    kept = versions[version - 1]
+    if tree_hash(Path(kept["path"])) != kept["sha256"]:
+        raise ValueError(f"{s.name!r} adapter {name!r} v{version} at {kept['path']} does not match its "
+                         f"recorded hash {kept['sha256']}; refusing to load it")
+    (tmp / "adapters").mkdir()
+    (tmp / "adapters" / name).symlink_to(kept["path"])
+    return TaskContext(ctx.index, ctx.name, ctx.seen, {}, str(tmp), ctx.seed)
