@@ -13,14 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from strata.config import check_name
+from strata.storage import exists, normal_uri, open_storage, read_json, write_json
 
 STATUSES = ("arrived", "training", "evaluated", "promoted", "rejected", "failed")
 FINAL = ("promoted", "rejected")
@@ -31,13 +30,6 @@ class TaskBusy(RuntimeError):
     """A second job tried to start a task that another job is training."""
 
 
-def open_storage(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local directory or any pyarrow.fs URI (s3://, gs://, ...)."""
-    if "://" not in uri:
-        uri = str(Path(uri).resolve())
-    return pafs.FileSystem.from_uri(uri)
-
-
 class StreamState:
     """The coordinator's logic as a plain object (the actor wraps it; tests can use it directly)."""
 
@@ -45,14 +37,12 @@ class StreamState:
         self.stream = check_name(stream, "stream name")
         self.storage = storage
         self.fs, root = open_storage(storage)
-        self.dir = f"{root.rstrip('/')}/{stream}"
+        self.dir = f"{root}/{stream}"
         self.path = f"{self.dir}/coordinator.json"
         self.fs.create_dir(self.dir, recursive=True)
-        info = self.fs.get_file_info(self.path)
-        self.reloaded = info.type == pafs.FileType.File
+        self.reloaded = exists(self.fs, self.path)
         if self.reloaded:
-            with self.fs.open_input_stream(self.path) as f:
-                self.state = json.loads(f.read())
+            self.state = read_json(self.fs, self.path)
         else:
             self.state = {"stream": stream, "schema": 1, "strategies": {}}
         self.started = time.time()
@@ -121,9 +111,8 @@ class StreamState:
         s = self._strategy(strategy)
         if status == "promoted":
             adapter = record["adapter"]
-            versions = s["adapters"].setdefault(adapter["name"], [])
-            entry["version"] = len(versions) + 1
-            versions.append({**adapter, "version": entry["version"], "task": task})
+            entry["version"] = adapter["version"]  # allocated by next_version before the push
+            s["adapters"].setdefault(adapter["name"], []).append({**adapter, "task": task})
             s["optima"][task] = adapter  # θ* for the next task is this task's end state
             s["freeze"] = record.get("freeze", s["freeze"])
             s["replay"] = record.get("replay", s["replay"])
@@ -131,6 +120,16 @@ class StreamState:
         self._mark(entry, status)
         self._save()
         return dict(entry)
+
+    def next_version(self, stream_adapter: str) -> int:
+        """Allocate the next registry version of an adapter (`<stream>/<adapter>`); never handed out twice.
+
+        A call retried after a restart may skip a number; gaps are harmless, duplicates are not.
+        """
+        counters = self.state.setdefault("versions", {})
+        counters[stream_adapter] = counters.get(stream_adapter, 0) + 1
+        self._save()
+        return counters[stream_adapter]
 
     def release(self, strategy: str, task: str) -> dict:
         """Mark a task left `training` by a dead job as failed, so it can be trained again."""
@@ -171,16 +170,12 @@ class StreamState:
         entry["history"].append({"status": status, "time": time.time()})
 
     def _save(self) -> None:
-        """Write the state next to its final name, then rename over it: readers see old or new, never half."""
-        tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(self.state, indent=1).encode())
-        self.fs.move(tmp, self.path)
+        write_json(self.fs, self.path, self.state)
 
 
 def actor_name(stream: str, storage: str) -> str:
     """The Ray actor name of a stream's coordinator: a stream is its name inside its storage."""
-    where = hashlib.sha256(_normal(storage).encode()).hexdigest()[:8]
+    where = hashlib.sha256(normal_uri(storage).encode()).hexdigest()[:8]
     return f"coordinator:{check_name(stream, 'stream name')}:{where}"
 
 
@@ -197,18 +192,20 @@ class Coordinator:
                                         lifetime="detached", get_if_exists=True).remote(stream, storage)
         else:
             self.local = StreamState(stream, storage)
+            self.lock = threading.Lock()  # threads of one process take turns, as calls to the actor do
 
     def __getattr__(self, method: str):
         """Call a StreamState method on the actor (blocking) or in-process."""
         if method.startswith("_"):
             raise AttributeError(method)
         if self.actor is None:
-            return getattr(self.local, method)
+            call = getattr(self.local, method)
+
+            def locked(*args, **kwargs):
+                with self.lock:
+                    return call(*args, **kwargs)
+            return locked
         import ray
 
         remote = getattr(self.actor, method)
         return lambda *args, **kwargs: ray.get(remote.remote(*args, **kwargs))
-
-
-def _normal(storage: str) -> str:
-    return storage if "://" in storage else str(Path(storage).resolve())
