@@ -10,13 +10,14 @@ import pytest
 
 from strata.coordinator import Coordinator, StreamState, TaskBusy, actor_name
 
-ADAPTER = {"name": "shared", "path": "/x/v1", "sha256": "abc"}
+def adapter(state: StreamState) -> dict:
+    return {"name": "dgg", "version": state.next_version("dgg"), "registry": "/x/registry"}
 
 
 def promote(state: StreamState, task: str, owner: str = "job-a", **record) -> dict:
     state.begin_task("dgg", task, owner)
     state.set_status("dgg", task, owner, "evaluated", accuracy={task: 50.0})
-    return state.commit_task("dgg", task, owner, "promoted", {"adapter": ADAPTER, **record})
+    return state.commit_task("dgg", task, owner, "promoted", {"adapter": adapter(state), **record})
 
 
 def test_timeline_versions_and_pointers_survive_a_reload(tmp_path) -> None:
@@ -30,7 +31,8 @@ def test_timeline_versions_and_pointers_survive_a_reload(tmp_path) -> None:
     assert again.reloaded and not state.reloaded
     snap = again.snapshot()["strategies"]["dgg"]
     assert [e["task"] for e in snap["timeline"]] == ["colour", "shape"]
-    assert [v["version"] for v in snap["adapters"]["shared"]] == [1, 2]
+    assert [v["version"] for v in snap["adapters"]["dgg"]] == [1, 2]
+    assert again.next_version("dgg") == 3  # the allocator survives the reload too
     assert set(snap["optima"]) == {"colour", "shape"}  # θ* pointers, not tensors
     assert snap["freeze"] == {"layer0": [True, False]}  # kept when a later task records none
     assert snap["replay"] == {"buffer/colour": {"rows": 10}}
@@ -48,11 +50,21 @@ def test_a_second_job_for_a_training_task_is_refused_and_retries_are_idempotent(
     with pytest.raises(TaskBusy, match="belongs to job job-a"):
         state.set_status("dgg", "colour", "job-b", "evaluated")
     state.set_status("dgg", "colour", "job-a", "evaluated")
-    done = state.commit_task("dgg", "colour", "job-a", "promoted", {"adapter": ADAPTER})
-    assert state.commit_task("dgg", "colour", "job-a", "promoted", {"adapter": ADAPTER}) == done
-    assert len(state.snapshot()["strategies"]["dgg"]["adapters"]["shared"]) == 1  # not versioned twice
+    record = {"adapter": adapter(state)}
+    done = state.commit_task("dgg", "colour", "job-a", "promoted", record)
+    assert state.commit_task("dgg", "colour", "job-a", "promoted", record) == done
+    assert len(state.snapshot()["strategies"]["dgg"]["adapters"]["dgg"]) == 1  # not versioned twice
     with pytest.raises(TaskBusy, match="already promoted"):
         state.begin_task("dgg", "colour", "job-c")
+
+
+def test_a_rejected_task_can_arrive_again_after_the_tasks_learned_meanwhile(tmp_path) -> None:
+    state = StreamState("s5", str(tmp_path))
+    state.begin_task("dgg", "colour", "job-a")
+    state.commit_task("dgg", "colour", "job-a", "rejected", {"reasons": ["colour below its floor"]})
+    promote(state, "shape")
+    retry = state.begin_task("dgg", "colour", "job-b")
+    assert retry["attempt"] == 2 and [e["task"] for e in state.timeline("dgg")] == ["shape", "colour"]
 
 
 def test_a_dead_jobs_task_can_be_released_and_retrained(tmp_path) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lora_helper import trained_adapter
 
-from strata.arrival import StrategyStream, tree_hash
+from strata.arrival import StrategyStream
 from strata.config import BackboneSpec, RunConfig, TrainConfig
 from strata.coordinator import Coordinator
 from strata.open_stream import evaluate, pinned
+from strata.registry import HashMismatch, Ref, RegistryError
 from strata.strategies.base import TaskContext
 
 
@@ -19,26 +21,18 @@ def stream(tmp_path: Path, strategy: str, backbone_dir: Path) -> StrategyStream:
     return StrategyStream(cfg, strategy, backbone_dir, Coordinator("s", str(tmp_path / "coordinator"), use_ray=False))
 
 
-def promote_v1(s: StrategyStream, tmp_path: Path) -> Path:
-    kept = tmp_path / "v1"
-    kept.mkdir()
-    (kept / "adapter_model.safetensors").write_bytes(b"weights")
-    s.coord.begin_task(s.name, "colour", s.owner)
-    adapter = {"name": "shared", "path": str(kept), "sha256": tree_hash(kept)}
-    s.coord.commit_task(s.name, "colour", s.owner, "promoted", {"adapter": adapter, "accuracy": {"colour": 1.0}})
-    return kept
-
-
-def test_pinned_versions_are_checked(tmp_path: Path, backbone_dir: Path) -> None:
+def test_pinned_versions_come_hash_checked_from_the_registry(tmp_path: Path, backbone, backbone_dir: Path) -> None:
     s = stream(tmp_path, "dgg", backbone_dir)
-    kept = promote_v1(s, tmp_path)
+    src, _ = trained_adapter(backbone, tmp_path / "trained", seed=0)
+    s.registry.push(Ref("default", "dgg", 1), src, {"strategy": "dgg"}, s.backbone)
     ctx = TaskContext(0, "colour", (), {}, str(s.state_dir))
-    (tmp_path / "pin").mkdir()
-    assert (Path(pinned(s, ctx, 1, tmp_path / "pin").adapters_dir) / "shared").resolve() == kept
-    with pytest.raises(ValueError, match=r"'shared' has versions 1..1, not 2"):
+    got = Path(pinned(s, ctx, 1, tmp_path / "pin").adapters_dir) / "shared"
+    assert (got / "adapter_model.safetensors").read_bytes() == (src / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(RegistryError, match=r"no committed version default/dgg@v2 \(committed: v1\)"):
         pinned(s, ctx, 2, tmp_path / "pin2")
-    (kept / "adapter_model.safetensors").write_bytes(b"tampered")
-    with pytest.raises(ValueError, match="does not match its recorded hash"):
+    weights = tmp_path / "registry" / "default" / "dgg" / "v1" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    with pytest.raises(HashMismatch, match="adapter_model.safetensors has sha256"):
         pinned(s, ctx, 1, tmp_path / "pin3")
 
 

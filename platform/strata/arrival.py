@@ -1,8 +1,8 @@
 """The life of one arriving task for one strategy (DESIGN §2), shared by `strata run` and the jobs.
 
-begin (coordinator) → mix rows → train (Ray Train or in-process) → install → strategy bookkeeping
-→ evaluate every task seen so far → record (coordinator: evaluated, then promoted). There is no
-promotion gate yet: every candidate that trains and evaluates is promoted.
+begin (coordinator) → train (Ray Train or in-process) → strategy bookkeeping → push the candidate
+to the registry → gate on `val` against the state served before → promote, or reject and restore
+the served state → commit in the coordinator. There is no other path to production.
 """
 
 from __future__ import annotations
@@ -10,23 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from strata.atomic import replace_dir
 from strata.backbone.load import load_backbone
 from strata.config import RunConfig
 from strata.coordinator import Coordinator
-from strata.data.collate import Encoded
+from strata.data.collate import Encoded, encode_table
 from strata.data.schema import read_table, write_table
+from strata.eval.drift import anchor_rows, answer_log_probs, mean_kl
 from strata.eval.evaluate import TaskResult, evaluate_task
+from strata.eval.gate import Verdict, decide, kl_threshold
+from strata.registry import BackboneInfo, Ref, Registry, backbone_info
 from strata.strategies import make_strategy
 from strata.strategies.base import Strategy, TaskContext
 from strata.strategies.cma import FREEZE_FILE
-from strata.train.driver import TaskJob, fit_local, fit_task, install
+from strata.train.driver import TaskJob, fit_local, fit_task
 
 
 def job_owner() -> str:
@@ -34,18 +42,9 @@ def job_owner() -> str:
     return os.environ.get("RAY_JOB_SUBMISSION_ID") or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-def tree_hash(root: Path) -> str:
-    """A content hash over every file under `root` (names and bytes), for lineage and checks."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class StrategyStream:
-    """One strategy's stream: its state on disk, its coordinator record, and who drives it."""
+    """One strategy's stream: its state on disk, its coordinator record, its registry, who drives it."""
 
     cfg: RunConfig
     name: str
@@ -55,17 +54,40 @@ class StrategyStream:
 
     def __post_init__(self) -> None:
         self.strategy: Strategy = make_strategy(self.name, self.cfg)
-        self.out = Path(self.cfg.out).resolve() / self.name
+        root = Path(self.cfg.out).resolve()
+        self.out = root / self.name
         self.state_dir = self.out / "state"
+        self.registry = Registry(self.cfg.registry or str(root / "registry"))
+
+    @cached_property
+    def backbone(self) -> BackboneInfo:
+        """The backbone's identity and module shapes, for the registry's checks."""
+        model, _ = load_backbone(self.cfg.backbone, self.backbone_path)
+        return backbone_info(self.cfg.backbone.source, self.backbone_path, model)
+
+    def registry_adapter(self, task: str) -> str:
+        """The versioned adapter a task adds to (DESIGN §2): its own for Decoupled, else the strategy's."""
+        return self.name if self.strategy.shared else task
 
     def learned(self) -> list[str]:
         """Tasks this strategy has promoted so far, in order."""
-        return [e["task"] for e in self.coord.timeline(self.name) if e["status"] == "promoted"]
+        return [e["task"] for e in self.promoted()]
 
-    def context(self, task: str, train_paths: dict[str, str]) -> TaskContext:
+    def promoted(self) -> list[dict]:
+        """The coordinator's entries of promoted tasks, in order."""
+        return [e for e in self.coord.timeline(self.name) if e["status"] == "promoted"]
+
+    def context(self, task: str, train_paths: dict[str, str], state_dir: Path | None = None) -> TaskContext:
         """The TaskContext of `task` arriving after every promoted task."""
         seen = tuple(self.learned())
-        return TaskContext(len(seen), task, seen, {**train_paths}, str(self.state_dir), self.cfg.seed)
+        return TaskContext(len(seen), task, seen, {**train_paths}, str(state_dir or self.state_dir), self.cfg.seed)
+
+    def served_context(self, state_dir: Path) -> TaskContext | None:
+        """The context of the last promoted task over a copy of the served state (None: bare backbone)."""
+        seen = self.learned()
+        if not seen:
+            return None
+        return TaskContext(len(seen) - 1, seen[-1], tuple(seen[:-1]), {}, str(state_dir), self.cfg.seed)
 
 
 def eval_model(cfg: RunConfig, backbone_path: Path, strategy: Strategy, ctx: TaskContext | None):
@@ -78,32 +100,66 @@ def evaluate_all(model, processor, strategy, ctx, tests: dict[str, Encoded], bat
     """Evaluate every given task, routing each row as the strategy would at inference."""
     results = {}
     for task, enc in tests.items():
-        names = strategy.route(ctx, model, processor, enc, task) if ctx else [None] * len(enc)
-        results[task] = evaluate_task(model, processor, enc, names, batch_size)
+        results[task] = evaluate_task(model, processor, enc, routes(strategy, ctx, model, processor, enc, task),
+                                      batch_size)
     return results
 
 
-def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str],
-               tests: dict[str, Encoded]) -> tuple[dict[str, TaskResult], dict]:
-    """Train, evaluate and record one task; returns the evaluation per task in `tests` and training metrics.
+def routes(strategy, ctx, model, processor, enc: Encoded, task: str | None) -> list[str | None]:
+    """The adapter each row runs with (None everywhere for the bare backbone)."""
+    return strategy.route(ctx, model, processor, enc, task) if ctx else [None] * len(enc)
 
-    `train_paths` maps every task seen so far and `task` to its train rows. The coordinator refuses
-    a task another job is training; a failure marks the task failed and re-raises.
+
+def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests: dict[str, Encoded],
+               vals: dict[str, pa.Table]) -> tuple[dict[str, TaskResult], dict]:
+    """Train, gate and record one task; returns the served state's evaluation on `tests` and training metrics.
+
+    `train_paths` and `vals` map every task seen so far and `task` to its train rows and val rows.
+    The coordinator refuses a task another job is training. A rejected candidate or a failure puts
+    the served state back, so the next task trains from what production holds.
     """
     ctx = s.context(task, train_paths)
     entry = s.coord.begin_task(s.name, task, s.owner)
+    served = keep_copy(s.state_dir, s.out / ".served")
     try:
         trained = train(s, ctx, entry["run_id"])
         model, processor = eval_model(s.cfg, s.backbone_path, s.strategy, ctx)
         s.strategy.after_task(ctx, read_table(train_paths[task]), model, processor)
+        ref = push_candidate(s, ctx, trained)
+        served_ctx = s.served_context(served)
+        anchor, _ = eval_model(s.cfg, s.backbone_path, s.strategy, served_ctx)
+        verdict, val = gate(s, ctx, (model, anchor), processor, served_ctx, vals)
         results = evaluate_all(model, processor, s.strategy, ctx, tests, s.cfg.eval_batch_size)
         accuracy = {t: r.accuracy for t, r in results.items()}
-        s.coord.set_status(s.name, task, s.owner, "evaluated", accuracy=accuracy)
-        s.coord.commit_task(s.name, task, s.owner, "promoted", record(s, ctx, accuracy, trained))
+        s.coord.set_status(s.name, task, s.owner, "evaluated", accuracy=accuracy, val_accuracy=val,
+                           gate=verdict.record(), candidate=str(ref))
+        if verdict.passed or s.cfg.gate.mode == "report":
+            promote(s, ctx, ref, verdict, accuracy, trained)
+        else:
+            s.registry.set_stage(ref, "rejected", "failed the gate", reasons=verdict.reasons, gate=verdict.record())
+            replace_dir(served, s.state_dir)
+            results = evaluate_all(anchor, processor, s.strategy, served_ctx, tests, s.cfg.eval_batch_size)
+            s.coord.commit_task(s.name, task, s.owner, "rejected",
+                                {"reasons": verdict.reasons, "accuracy": {t: r.accuracy for t, r in results.items()}})
     except BaseException as e:
+        if served.exists():
+            replace_dir(served, s.state_dir)
         s.coord.set_status(s.name, task, s.owner, "failed", reasons=[f"{type(e).__name__}: {e}"])
         raise
+    finally:
+        shutil.rmtree(served, ignore_errors=True)
     return results, trained
+
+
+def keep_copy(state_dir: Path, dest: Path) -> Path:
+    """Copy the served state aside before a task changes it (an empty directory when there is none)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    if state_dir.exists():
+        # rows.parquet is this task's mixed training table, rewritten by every task: not state.
+        shutil.copytree(state_dir, dest, symlinks=True, ignore=shutil.ignore_patterns("rows.parquet"))
+    else:
+        dest.mkdir(parents=True)
+    return dest
 
 
 def train(s: StrategyStream, ctx: TaskContext, run_id: str) -> dict:
@@ -119,21 +175,60 @@ def train(s: StrategyStream, ctx: TaskContext, run_id: str) -> dict:
     return {k: v for k, v in trained.items() if isinstance(v, (int, float, str))}
 
 
-def record(s: StrategyStream, ctx: TaskContext, accuracy: dict, trained: dict) -> dict:
-    """What the coordinator keeps for a promoted task: pointers and hashes, never tensors."""
-    name = s.strategy.adapter_name(ctx)
-    adapters = s.coord.snapshot()["strategies"].get(s.name, {}).get("adapters", {})
-    version = len(adapters.get(name, [])) + 1
-    kept = s.out / "versions" / name / f"v{version}"
-    install(ctx.adapters_dir / name, kept)  # the version stays readable after later tasks replace the adapter
+def push_candidate(s: StrategyStream, ctx: TaskContext, trained: dict) -> Ref:
+    """Register the trained adapter (and the strategy's side files) as a candidate version."""
+    adapter = s.registry_adapter(ctx.name)
+    ref = Ref(s.cfg.stream, adapter, s.coord.next_version(adapter))
+    card = {"strategy": s.name, "task": ctx.name, "tasks": [*ctx.seen, ctx.name], "kind": s.cfg.adapter.kind,
+            "config_hash": s.cfg.hash(), "seed": s.cfg.seed, "parent": s.registry.production(ref.stream, adapter),
+            "data": {t: file_sha256(Path(p)) for t, p in ctx.train_paths.items()},
+            "metrics": {"training": trained}, "owner": s.owner}
+    with tempfile.TemporaryDirectory() as tmp:
+        side = s.strategy.version_files(ctx, Path(tmp))
+        s.registry.push(ref, ctx.adapters_dir / s.strategy.adapter_name(ctx), card, s.backbone, side)
+    return ref
+
+
+def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_ctx: TaskContext | None,
+         vals: dict[str, pa.Table]) -> tuple[Verdict, dict[str, float]]:
+    """Evaluate candidate and served state on `val` and the anchor set, and decide; returns (verdict, val acc)."""
+    model, anchor = models
+    cfg, bs = s.cfg.gate, s.cfg.eval_batch_size
+    enc = {t: encode_table(processor, vals[t], with_answers=False) for t in [*ctx.seen, ctx.name]}
+    val = {t: r.accuracy for t, r in evaluate_all(model, processor, s.strategy, ctx, enc, bs).items()}
+    served_on_new = evaluate_all(anchor, processor, s.strategy, served_ctx, {ctx.name: enc[ctx.name]}, bs)
+    before = s.promoted()[-1].get("val_accuracy", {}) if ctx.seen else {}
+    table = read_table(cfg.anchor) if cfg.anchor else anchor_rows(vals, list(ctx.seen), cfg.anchor_rows)
+    kl = None
+    if table is not None:
+        rows = encode_table(processor, table, with_answers=True)
+        pad = processor.tokenizer.pad_token_id
+        kl = mean_kl(answer_log_probs(anchor, rows, routes(s.strategy, served_ctx, anchor, processor, rows, None), pad),
+                     answer_log_probs(model, rows, routes(s.strategy, ctx, model, processor, rows, None), pad))
+    drifts = [e["gate"]["kl"] for e in s.promoted() if e.get("gate", {}).get("kl") is not None]
+    verdict = decide(cfg, ctx.name, val, {t: before[t] for t in ctx.seen if t in before},
+                     served_on_new[ctx.name].accuracy, kl, kl_threshold(cfg, drifts))
+    return verdict, val
+
+
+def promote(s: StrategyStream, ctx: TaskContext, ref: Ref, verdict: Verdict, accuracy: dict, trained: dict) -> None:
+    """Serve the candidate and commit the task: its version, freeze masks and replay index."""
+    reason = "passed the gate" if verdict.passed else f"gate in report mode: {'; '.join(verdict.reasons)}"
+    s.registry.promote(ref, reason, gate=verdict.record(), metrics={"training": trained, "test_accuracy": accuracy})
     freeze = s.state_dir / FREEZE_FILE
-    return {
-        "adapter": {"name": name, "path": str(kept), "sha256": tree_hash(kept)},
+    record = {
+        "adapter": {"name": ref.adapter, "version": ref.version, "registry": s.registry.uri},
         "freeze": json.loads(freeze.read_text())["masks"] if freeze.exists() else {},
         "replay": replay_index(s.state_dir),
         "accuracy": accuracy,
         "metrics": trained,
     }
+    s.coord.commit_task(s.name, ctx.name, s.owner, "promoted", record)
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of one file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def replay_index(state_dir: Path) -> dict[str, dict]:
@@ -143,6 +238,6 @@ def replay_index(state_dir: Path) -> dict[str, dict]:
         if path.parent.name in ("buffer", "memory"):
             index[f"{path.parent.name}/{path.stem}"] = {
                 "rows": pq.read_metadata(path).num_rows,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+                "sha256": file_sha256(path)[:16],
             }
     return index

@@ -269,6 +269,38 @@ class TrainConfig:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
 
 
+GATE_MODES = ("enforce", "report")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The promotion gate on `val` (DESIGN §2): a floor, a forgetting ceiling and a KL bound."""
+
+    mode: str = "enforce"  # enforce: a failing candidate is rejected; report: recorded, promoted anyway
+    floor: float = 0.0  # new task val accuracy (%) must reach this ...
+    min_gain: float = 0.0  # ... and beat what the served state scored on it by this many points
+    forgetting_ceiling: float = 10.0  # most points any old task's val accuracy may drop
+    kl_threshold: float = 1.0  # most mean KL(anchor || candidate), nats per answer token
+    calibrate_kl: bool = False  # derive the threshold from the first tasks' drift instead
+    calibration_tasks: int = 2  # tasks whose drift sets the calibrated threshold (they pass on KL)
+    calibration_factor: float = 3.0  # calibrated threshold = factor x the largest drift seen on them
+    anchor: str | None = None  # Parquet anchor set; None: val rows of the tasks learned before
+    anchor_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in GATE_MODES:
+            raise ValueError(f"gate.mode must be one of {GATE_MODES}, got {self.mode!r}")
+        for name in ("forgetting_ceiling", "kl_threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"gate.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.floor <= 100:
+            raise ValueError(f"gate.floor must be a percentage in [0, 100], got {self.floor}")
+        if self.calibration_tasks < 1 or self.calibration_factor <= 0:
+            raise ValueError("gate.calibration_tasks must be >= 1 and gate.calibration_factor > 0")
+        if self.anchor_rows < 1:
+            raise ValueError(f"gate.anchor_rows must be >= 1, got {self.anchor_rows}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One continual run: a stream of tasks learned by one or more strategies."""
@@ -279,6 +311,8 @@ class RunConfig:
     out: str = "runs/default"
     stream: str = "default"  # names the coordinator actor that holds this stream's state
     storage: str | None = None  # coordinator state: a dir or pyarrow.fs URI; None: <out>/coordinator
+    registry: str | None = None  # adapter registry: a dir or pyarrow.fs URI; None: <out>/registry
+    gate: GateConfig = field(default_factory=GateConfig)
     seed: int = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)

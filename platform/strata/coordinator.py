@@ -82,9 +82,12 @@ class StreamState:
             return dict(entry)  # a retried call: nothing new
         elif entry["status"] == "training":
             raise TaskBusy(self._busy(strategy, entry))
-        elif entry["status"] in FINAL or entry["status"] == "evaluated":
+        elif entry["status"] in ("promoted", "evaluated"):
             raise TaskBusy(f"task {task!r} of stream {self.stream!r} ({strategy}) is already "
                            f"{entry['status']}; a task is learned once per stream")
+        else:  # failed or rejected: a new attempt comes after whatever was learned meanwhile
+            timeline = self._strategy(strategy)["timeline"]
+            timeline.append(timeline.pop(timeline.index(entry)))
         entry.update(owner=owner, attempt=entry["attempt"] + 1, run_id=uuid.uuid4().hex[:8])
         self._mark(entry, "training")
         self._save()

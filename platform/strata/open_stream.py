@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from strata.arrival import StrategyStream, eval_model, evaluate_all, learn_task, tree_hash
+from strata.arrival import StrategyStream, eval_model, evaluate_all, learn_task
 from strata.atomic import write_text
 from strata.backbone.load import load_backbone, resolve
 from strata.config import RunConfig, check_name
@@ -27,6 +27,7 @@ from strata.eval.metrics import summarize
 from strata.eval.plots import plot_accuracy_matrix
 from strata.eval.report import matrix_table
 from strata.pipeline import coordinator, split
+from strata.registry import Ref
 from strata.strategies.base import TaskContext
 from strata.train.driver import init_ray
 
@@ -63,9 +64,13 @@ def arrive(cfg: RunConfig, strategy: str, task: str, dataset: Path, console: Con
     console.log(f"{strategy}: task {task!r} arrives as number {len(tasks)} of stream {cfg.stream!r}")
     train_paths = {t: str(data_dir(cfg) / f"{t}.train.parquet") for t in tasks}
     _, processor = load_backbone(cfg.backbone, s.backbone_path)
-    results, trained = learn_task(s, task, train_paths, test_sets(cfg, processor, tasks))
-    console.log(f"{strategy}: {task!r} trained in {trained.get('train_seconds', 0):.1f} s, "
-                f"accuracy {results[task].accuracy:.1f}")
+    vals = {t: split(read_table(data_dir(cfg) / f"{t}.parquet"), "val") for t in tasks}
+    results, trained = learn_task(s, task, train_paths, test_sets(cfg, processor, tasks), vals)
+    entry = next(e for e in s.coord.timeline(strategy) if e["task"] == task)
+    console.log(f"{strategy}: {task!r} trained in {trained.get('train_seconds', 0):.1f} s, candidate "
+                f"{entry.get('candidate')} {entry['status']}; served test accuracy {results[task].accuracy:.1f}")
+    for reason in entry.get("reasons", []):
+        console.log(f"  gate: {reason}")
     return write_metrics(s, console)
 
 
@@ -125,17 +130,9 @@ def evaluate(cfg: RunConfig, strategy: str, version: int | None = None, console:
 
 
 def pinned(s: StrategyStream, ctx: TaskContext, version: int, tmp: Path) -> TaskContext:
-    """A context whose adapters directory holds version `version` of the shared adapter."""
+    """A context whose adapters directory holds registry version `version` of the shared adapter (hash-checked)."""
     if not s.strategy.shared:
         raise ValueError(f"{s.name!r} keeps one adapter per task; evaluate it without --version")
-    name = s.strategy.adapter_name(ctx)
-    versions = s.coord.snapshot()["strategies"][s.name]["adapters"].get(name, [])
-    if not 1 <= version <= len(versions):
-        raise ValueError(f"{s.name!r} adapter {name!r} has versions 1..{len(versions)}, not {version}")
-    kept = versions[version - 1]
-    if tree_hash(Path(kept["path"])) != kept["sha256"]:
-        raise ValueError(f"{s.name!r} adapter {name!r} v{version} at {kept['path']} does not match its "
-                         f"recorded hash {kept['sha256']}; refusing to load it")
-    (tmp / "adapters").mkdir()
-    (tmp / "adapters" / name).symlink_to(kept["path"])
+    ref = Ref(s.cfg.stream, s.registry_adapter(ctx.name), version)
+    s.registry.fetch(ref, tmp / "adapters" / s.strategy.adapter_name(ctx))
     return TaskContext(ctx.index, ctx.name, ctx.seen, {}, str(tmp), ctx.seed)

@@ -1,7 +1,7 @@
 """The continual run: for each strategy, learn the stream task by task and fill the accuracy matrix.
 
-Per task, `arrival.learn_task`: begin in the coordinator → train on Ray Train → install the
-adapter → strategy bookkeeping → evaluate → record. The same code runs on a laptop and in a Ray job.
+Per task, `arrival.learn_task`: begin in the coordinator → train on Ray Train → strategy
+bookkeeping → registry push → gate → promote or reject. The same code runs on a laptop and in a Ray job.
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     """Learn the whole stream with one strategy; write metrics, plot, predictions and manifest."""
     s = StrategyStream(cfg, name, backbone_path, coord)
     coord.reset(name, s.owner)  # a run starts from the frozen backbone (refused while another job trains it)
-    shutil.rmtree(s.state_dir, ignore_errors=True)
-    shutil.rmtree(s.out / "versions", ignore_errors=True)
+    shutil.rmtree(s.state_dir, ignore_errors=True)  # the registry keeps every earlier version
     tasks = list(files)
     T = len(tasks)
     R = np.full((T, T), np.nan)
@@ -85,7 +84,9 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     for t, task in enumerate(tasks):
         # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
         upcoming = {k: tests[k] for k in tasks[: t + 2]}
-        results, trained = learn_task(s, task, {k: train_paths[k] for k in tasks[: t + 1]}, upcoming)
+        so_far = tasks[: t + 1]
+        results, trained = learn_task(s, task, {k: train_paths[k] for k in so_far}, upcoming,
+                                      {k: split(tables[k], "val") for k in so_far})
         training.append(trained)
         for i, other in enumerate(upcoming):
             R[t, i] = results[other].accuracy

@@ -9,26 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helper import trained_adapter
 from peft import PeftModel
 
-from strata.adapters.lora import add_adapter, save_adapter
 from strata.backbone.load import load_backbone
 from strata.backbone.tiny import RECIPES, build_model
-from strata.config import AdapterSpec
 from strata.coordinator import Coordinator
 from strata.registry import HashMismatch, IncompatibleAdapter, Ref, Registry, RegistryError, backbone_info
-
-
-def trained_adapter(backbone, dest: Path, seed: int) -> tuple[Path, torch.nn.Module]:
-    """A LoRA adapter with non-zero B matrices (so it changes the output), saved in PEFT format."""
-    model, _ = backbone
-    peft_model = add_adapter(model, "shared", AdapterSpec(visual_rank=2, text_rank=4))
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return save_adapter(peft_model, "shared", dest), peft_model
 
 
 @pytest.fixture()
@@ -64,7 +51,7 @@ def test_push_promote_rollback_round_trip_and_plain_peft_load(backbone, test_spe
 
     # What the registry wrote loads with plain PEFT and predicts exactly what the trained model did.
     fetched = reg.fetch(v1, tmp_path / "fetched")
-    model, processor = load_backbone(test_spec, backbone_dir)
+    model, _ = load_backbone(test_spec, backbone_dir)
     loaded = PeftModel.from_pretrained(model, str(fetched))
     ids = torch.randint(5, 100, (2, 12))
     with torch.no_grad():
@@ -141,7 +128,7 @@ def test_a_tampered_weight_file_is_refused_with_its_name(backbone, info, tmp_pat
 
 
 def test_an_adapter_for_another_backbone_is_refused_at_registration(backbone, test_spec, backbone_dir, info, tmp_path):
-    model, processor = backbone
+    _, processor = backbone
     wider = build_model(replace(RECIPES["builtin:test"], width=96, heads=4), processor)
     wider.save_pretrained(tmp_path / "wider")
     other = backbone_info("wider", tmp_path / "wider", wider)

@@ -23,6 +23,16 @@ class TaskResult:
     adapters: list[str | None]
 
 
+@contextlib.contextmanager
+def active_adapter(model: torch.nn.Module, name: str | None):
+    """Run the block with adapter `name` active; None runs the bare backbone."""
+    peft = isinstance(model, PeftModel)  # Strata-kind adapters have one active state
+    if name is not None and peft:
+        model.set_adapter(name)
+    with model.disable_adapter() if name is None and peft else contextlib.nullcontext():
+        yield model
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -64,10 +74,7 @@ def evaluate_task(
     preds = [""] * len(enc)
     for name in dict.fromkeys(adapter_names):
         idx = [i for i, a in enumerate(adapter_names) if a == name]
-        peft = isinstance(model, PeftModel)  # Strata-kind adapters have one active state
-        if name is not None and peft:
-            model.set_adapter(name)
-        with model.disable_adapter() if name is None and peft else contextlib.nullcontext():
+        with active_adapter(model, name):
             out = generate(model, processor, enc.select(idx), batch_size, budget)
         for i, p in zip(idx, out):
             preds[i] = p

@@ -137,9 +137,7 @@ class Registry:
 
     def card(self, ref: Ref) -> dict:
         """The card of a committed version, with its stage as served now."""
-        if not exists(self.fs, f"{self._dir(ref)}/{MANIFEST}"):
-            known = self.versions(ref.stream, ref.adapter)
-            raise RegistryError(f"no committed version {ref} (committed: {', '.join(f'v{v}' for v in known) or 'none'})")
+        self._committed(ref)
         card = read_json(self.fs, f"{self._dir(ref)}/{CARD}")
         card["stage"] = self._stage(card, self.production(ref.stream, ref.adapter))
         return card
@@ -165,9 +163,7 @@ class Registry:
 
     def verify(self, ref: Ref) -> dict[str, bytes]:
         """Every file of a version, checked against its manifest; raises HashMismatch naming the file."""
-        where = self._dir(ref)
-        if not exists(self.fs, f"{where}/{MANIFEST}"):
-            raise RegistryError(f"no committed version {ref}")
+        where = self._committed(ref)
         contents = {}
         for name, want in read_json(self.fs, f"{where}/{MANIFEST}")["files"].items():
             data = read_bytes(self.fs, f"{where}/{name}")
@@ -197,8 +193,8 @@ class Registry:
         write_json(self.fs, f"{self._dir(ref)}/{CARD}", card)
         return card
 
-    def promote(self, ref: Ref, reason: str = "promoted", force: bool = False) -> dict:
-        """Point `production` at `ref` and archive the version it replaces."""
+    def promote(self, ref: Ref, reason: str = "promoted", force: bool = False, **fields) -> dict:
+        """Point `production` at `ref` and archive the version it replaces; `fields` go on its card."""
         card = self.card(ref)
         if card["stage"] == "rejected" and not force:
             raise RegistryError(f"{ref} was rejected by the gate ({'; '.join(card.get('reasons', []))}); "
@@ -206,11 +202,11 @@ class Registry:
         aliases = self._aliases(ref.stream, ref.adapter)
         before = aliases.get("production")
         if before == ref.version:
-            return card
+            return self.set_stage(ref, "production", reason, **fields) if fields else card
         aliases["production"] = ref.version
         aliases.setdefault("history", []).append({"version": ref.version, "time": time.time(), "reason": reason})
         write_json(self.fs, f"{self._adapter_dir(ref.stream, ref.adapter)}/{ALIASES}", aliases)  # the switch
-        card = self.set_stage(ref, "production", reason)
+        card = self.set_stage(ref, "production", reason, **fields)
         if before is not None:
             self.set_stage(Ref(ref.stream, ref.adapter, before), "archived", f"replaced by v{ref.version}")
         return card
@@ -245,6 +241,14 @@ class Registry:
         return doomed
 
     # ---- internals -----------------------------------------------------------------------------
+    def _committed(self, ref: Ref) -> str:
+        """The directory of a committed version; refuses one without a manifest."""
+        where = self._dir(ref)
+        if not exists(self.fs, f"{where}/{MANIFEST}"):
+            known = self.versions(ref.stream, ref.adapter)
+            raise RegistryError(f"no committed version {ref} (committed: {', '.join(f'v{v}' for v in known) or 'none'})")
+        return where
+
     def _aliases(self, stream: str, adapter: str) -> dict:
         path = f"{self._adapter_dir(stream, adapter)}/{ALIASES}"
         return read_json(self.fs, path) if exists(self.fs, path) else {}

@@ -104,6 +104,10 @@ class Strategy:
         """Strategy-specific numbers to report with the loss (expert use, injection rate, ...)."""
         return {}
 
+    def version_files(self, ctx: TaskContext, scratch: Path) -> dict[str, Path]:
+        """Side files a registry version of this task's adapter carries (router, freeze masks), by name."""
+        return {}
+
     def save(self, model: torch.nn.Module, ctx: TaskContext, dest: Path) -> Path:
         """Write this task's trained adapter (and any side files) to `dest`, atomically."""
         return save_adapter(model, self.adapter_name(ctx), dest)

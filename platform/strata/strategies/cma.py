@@ -103,6 +103,11 @@ class CMA(Strategy):
         """The backbone with the shared CMA adapter after task `ctx`, frozen."""
         return cma.load(backbone, ctx.adapters_dir / self.adapter_name(ctx))[0]
 
+    def version_files(self, ctx: TaskContext, scratch: Path) -> dict[str, Path]:
+        """The expert-freeze masks as they stand after this task."""
+        path = Path(ctx.state_dir) / FREEZE_FILE
+        return {FREEZE_FILE: path} if path.exists() else {}
+
     def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
         """Freeze the busy experts, log their use, and give this task its share of the memory."""
         counts = cma.read_counts(ctx.adapters_dir / self.adapter_name(ctx))

@@ -59,6 +59,11 @@ class Decoupled(Strategy):
         router.add(ctx.name, pooled_features(model, processor, enc))
         router.save(ctx.state_dir)
 
+    def version_files(self, ctx: TaskContext, scratch: Path) -> dict[str, Path]:
+        """This task's prototype, so any set of registered versions can rebuild a router."""
+        PrototypeRouter.load(ctx.state_dir).only(ctx.name).save(str(scratch))
+        return {ROUTER_FILE: scratch / ROUTER_FILE}
+
     def loss(self, model: torch.nn.Module, batch: dict, outputs, step: int) -> torch.Tensor | None:
         """Weighted InfoNCE between each row's pooled image and text states (None when off)."""
         if not self.opts.contrastive:
@@ -100,6 +105,11 @@ class PrototypeRouter:
         self.scatters = torch.cat([self.scatters[keep], scatter]) if keep else scatter
         count = torch.tensor([float(len(feats))])
         self.counts = torch.cat([self.counts[keep], count]) if keep else count
+
+    def only(self, name: str) -> PrototypeRouter:
+        """A router that knows task `name` alone."""
+        i = self.names.index(name)
+        return PrototypeRouter([name], self.means[i : i + 1], self.scatters[i : i + 1], self.counts[i : i + 1])
 
     def route(self, feats: torch.Tensor) -> list[str]:
         """The nearest task's name for each (N, D) feature row."""
