@@ -27,7 +27,7 @@ from strata.config import RunConfig
 from strata.coordinator import Coordinator
 from strata.data.collate import Encoded, encode_table
 from strata.data.schema import read_table, write_table
-from strata.eval.drift import anchor_rows, answer_log_probs, mean_kl
+from strata.eval.drift import anchor_rows, anchor_table, answer_log_probs, mean_kl
 from strata.eval.evaluate import TaskResult, evaluate_task
 from strata.eval.gate import Verdict, decide, kl_threshold
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
@@ -133,10 +133,12 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
         accuracy = {t: r.accuracy for t, r in results.items()}
         s.coord.set_status(s.name, task, s.owner, "evaluated", accuracy=accuracy, val_accuracy=val,
                            gate=verdict.record(), candidate=str(ref))
+        metrics = {"training": trained, "val_accuracy": val, "test_accuracy": accuracy}
         if verdict.passed or s.cfg.gate.mode == "report":
-            promote(s, ctx, ref, verdict, accuracy, trained)
+            promote(s, ctx, ref, verdict, metrics)
         else:
-            s.registry.set_stage(ref, "rejected", "failed the gate", reasons=verdict.reasons, gate=verdict.record())
+            s.registry.set_stage(ref, "rejected", "failed the gate", reasons=verdict.reasons, gate=verdict.record(),
+                                 metrics=metrics)
             replace_dir(served, s.state_dir)
             results = evaluate_all(anchor, processor, s.strategy, served_ctx, tests, s.cfg.eval_batch_size)
             s.coord.commit_task(s.name, task, s.owner, "rejected",
@@ -198,7 +200,7 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
     val = {t: r.accuracy for t, r in evaluate_all(model, processor, s.strategy, ctx, enc, bs).items()}
     served_on_new = evaluate_all(anchor, processor, s.strategy, served_ctx, {ctx.name: enc[ctx.name]}, bs)
     before = s.promoted()[-1].get("val_accuracy", {}) if ctx.seen else {}
-    table = read_table(cfg.anchor) if cfg.anchor else anchor_rows(vals, list(ctx.seen), cfg.anchor_rows)
+    table = anchor_table(Path(cfg.anchor), cfg.anchor_rows) if cfg.anchor else anchor_rows(vals, list(ctx.seen), cfg.anchor_rows)
     kl = None
     if table is not None:
         rows = encode_table(processor, table, with_answers=True)
@@ -211,17 +213,17 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
     return verdict, val
 
 
-def promote(s: StrategyStream, ctx: TaskContext, ref: Ref, verdict: Verdict, accuracy: dict, trained: dict) -> None:
+def promote(s: StrategyStream, ctx: TaskContext, ref: Ref, verdict: Verdict, metrics: dict) -> None:
     """Serve the candidate and commit the task: its version, freeze masks and replay index."""
     reason = "passed the gate" if verdict.passed else f"gate in report mode: {'; '.join(verdict.reasons)}"
-    s.registry.promote(ref, reason, gate=verdict.record(), metrics={"training": trained, "test_accuracy": accuracy})
+    s.registry.promote(ref, reason, gate=verdict.record(), metrics=metrics)
     freeze = s.state_dir / FREEZE_FILE
     record = {
         "adapter": {"name": ref.adapter, "version": ref.version, "registry": s.registry.uri},
         "freeze": json.loads(freeze.read_text())["masks"] if freeze.exists() else {},
         "replay": replay_index(s.state_dir),
-        "accuracy": accuracy,
-        "metrics": trained,
+        "accuracy": metrics["test_accuracy"],
+        "metrics": metrics["training"],
     }
     s.coord.commit_task(s.name, ctx.name, s.owner, "promoted", record)
 

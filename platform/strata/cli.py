@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from strata.config import RunConfig, from_dict
+from strata.registry.commands import REGISTRY, registry_app
+from strata.terminal import console, fail
 
 app = typer.Typer(help="Strata: continual instruction tuning of vision-language models on Ray.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -22,24 +23,24 @@ probe_app = typer.Typer(help="Diagnostics that look inside training.", no_args_i
 app.add_typer(probe_app, name="probe")
 coordinator_app = typer.Typer(help="A stream's coordinator state: timeline, release.", no_args_is_help=True)
 app.add_typer(coordinator_app, name="coordinator")
-console = Console()
-
-
-def fail(message: str, code: int = 1) -> None:
-    """Print a clear error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+app.add_typer(registry_app, name="registry")
+monitor_app = typer.Typer(help="Watch served adapters: KL drift against an anchor.", no_args_is_help=True)
+app.add_typer(monitor_app, name="monitor")
 
 
 def build_run_config(
     config: Path | None, strategies: list[str], tasks: int | None, steps: int | None,
     out: str | None, seed: int | None, backbone: str | None, workers: int | None,
     data: str | None, test_rows: int | None, executor: str | None = None, stream: str | None = None,
+    gate: str | None = None, registry: str | None = None,
 ) -> RunConfig:
     """YAML (if given) first, then flags on top; validation happens in the dataclasses."""
     raw: dict = yaml.safe_load(config.read_text()) or {} if config else {}
-    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows, "stream": stream}
+    flags = {"tasks": tasks, "out": out, "seed": seed, "data": data, "n_test": test_rows, "stream": stream,
+             "registry": registry}
     raw.update({k: v for k, v in flags.items() if v is not None})
+    if gate is not None:
+        raw.setdefault("gate", {})["mode"] = gate
     if strategies:
         raw["strategies"] = list(strategies)
     if backbone:
@@ -56,6 +57,10 @@ def build_run_config(
     return from_dict(RunConfig, raw, "run config")
 
 
+GATE = typer.Option(None, help="Promotion gate: enforce (reject failing candidates, the default) or report "
+                                "(record the verdict, promote anyway: benchmark mode).")
+
+
 @app.command()
 def run(
     strategy: list[str] = typer.Option([], "--strategy", "-s", help="Strategy to run; repeat for several."),
@@ -69,6 +74,8 @@ def run(
     test_rows: int | None = typer.Option(None, help="Test rows per built-in task."),
     config: Path | None = typer.Option(None, help="YAML file that fills the run config."),
     executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
+    gate: str | None = GATE,
+    registry: str | None = typer.Option(None, help="Registry root (default <out>/registry)."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
     from strata.coordinator import TaskBusy
@@ -77,7 +84,8 @@ def run(
 
     try:
         cfg = build_run_config(
-            config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows, executor
+            config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows, executor,
+            gate=gate, registry=registry,
         )
         run_pipeline(cfg, console)
     except TaskBusy as e:
@@ -93,9 +101,10 @@ STREAM_NAME = typer.Option("default", help="Stream name (names its coordinator).
 
 
 def stream_config(config: Path | None, out: str, stream: str, backbone: str | None, steps: int | None,
-                  workers: int | None, executor: str | None) -> RunConfig:
+                  workers: int | None, executor: str | None, gate: str | None = None) -> RunConfig:
     """The run config of an open stream job (`arrive`, `evaluate`)."""
-    return build_run_config(config, [], None, steps, out, None, backbone, workers, None, None, executor, stream)
+    return build_run_config(config, [], None, steps, out, None, backbone, workers, None, None, executor, stream,
+                            gate=gate)
 
 
 @app.command()
@@ -110,14 +119,15 @@ def arrive(
     steps: int | None = typer.Option(None, help="Optimizer steps."),
     workers: int | None = typer.Option(None, help="Ray Train workers."),
     executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
+    gate: str | None = GATE,
 ) -> None:
-    """One new task: validate its dataset, train, evaluate every arrived task, and record it."""
+    """One new task: validate its dataset, train, gate it against what is served, and record it."""
     from strata.coordinator import TaskBusy
     from strata.data.schema import DatasetError
     from strata.open_stream import arrive as arrive_task
 
     try:
-        cfg = stream_config(config, out, stream, backbone, steps, workers, executor)
+        cfg = stream_config(config, out, stream, backbone, steps, workers, executor, gate)
         arrive_task(cfg, strategy, task, dataset, console)
     except DatasetError as e:
         console.print(e.report.format())
@@ -321,3 +331,42 @@ def probe_conflict(
     write_text(out / "conflict.json", json.dumps(report, indent=1))
     plot_conflict(report, out / "conflict.png")
     console.print(f"wrote {out / 'conflict.json'} and {out / 'conflict.png'}")
+
+
+@monitor_app.command("drift")
+def monitor_drift(
+    adapter_id: str = typer.Argument(..., help="<stream>/<adapter> whose versions to check."),
+    versions: str | None = typer.Option(None, help="Comma-separated versions (default: every committed one)."),
+    against: str = typer.Option("production", help="Reference: production, backbone, or a version number."),
+    anchor: Path = typer.Option(Path("runs/stream/data"), help="Anchor set: a Parquet file, or a directory of "
+                                "<task>.parquet whose val rows are used."),
+    rows: int = typer.Option(64, help="Anchor rows."),
+    registry: str = REGISTRY,
+    out: Path = typer.Option(Path("runs/monitor"), help="Where drift.json and drift.png go."),
+) -> None:
+    """KL(reference || version) on the anchor set for a set of versions: a table, drift.json and drift.png."""
+    from strata.atomic import write_text
+    from strata.eval.drift import anchor_table
+    from strata.eval.monitor import drift_report
+    from strata.eval.plots import plot_drift
+    from strata.registry import Registry, RegistryError, parse_id
+
+    try:
+        reg = Registry(registry)
+        stream, adapter, _ = parse_id(adapter_id, "default")
+        chosen = [int(v.strip().lstrip("v")) for v in versions.split(",")] if versions else reg.versions(stream, adapter)
+        if not chosen:
+            raise RegistryError(f"no committed version of {stream}/{adapter} in registry {registry}")
+        report = drift_report(reg, stream, adapter, chosen, against, anchor_table(anchor, rows))
+    except (RegistryError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    table = Table(title=f"{report['adapter']}: mean KL against {report['against']} ({report['anchor_rows']} rows)")
+    for col in ("version", "task", "stage", "KL (nats/token)", "gate threshold"):
+        table.add_column(col)
+    for r in report["drift"]:
+        table.add_row(f"v{r['version']}", str(r["task"]), r["stage"], f"{r['kl']:.4f}",
+                      "—" if r["kl_threshold"] is None else f"{r['kl_threshold']:.3f}")
+    console.print(table)
+    write_text(out / "drift.json", json.dumps(report, indent=1))
+    plot_drift(report, out / "drift.png")
+    console.print(f"wrote {out / 'drift.json'} and {out / 'drift.png'}")

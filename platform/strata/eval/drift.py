@@ -8,10 +8,14 @@ the positions the loss trains (prompt-token predictions are not what an adapter 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from strata.data.collate import Encoded, collate
+from strata.data.schema import read_table
 from strata.eval.evaluate import active_adapter
 
 
@@ -49,3 +53,17 @@ def anchor_rows(vals: dict[str, pa.Table], tasks: list[str], rows: int) -> pa.Ta
         return None
     each = max(rows // len(tasks), 1)
     return pa.concat_tables([vals[t].slice(0, each) for t in tasks])
+
+
+def anchor_table(path: Path, rows: int) -> pa.Table:
+    """An anchor set: a Parquet file's rows, or the `val` rows of every dataset in a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.endswith(".train.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no <task>.parquet datasets in {path}")
+        tables = [read_table(f) for f in files]
+        tables = [t.filter(pc.equal(t["split"], "val")) for t in tables]
+        each = max(rows // len(tables), 1)
+        return pa.concat_tables([t.slice(0, each) for t in tables])
+    return read_table(path).slice(0, rows)

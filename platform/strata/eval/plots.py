@@ -103,3 +103,24 @@ def plot_sweep(trials: list[dict], metric: str, path: str | os.PathLike[str]) ->
     save_figure(fig, Path(path))
     plt.close(fig)
     return Path(path)
+
+
+def plot_drift(report: dict, path: str | os.PathLike[str]) -> Path:
+    """Mean KL(reference ‖ version) per version, with the gate's threshold where a card recorded one."""
+    rows = report["drift"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(rows) + 2.0), 3.5))
+    try:
+        colours = {"production": "tab:green", "rejected": "tab:red", "archived": "tab:gray"}
+        ax.bar([f"v{r['version']}" for r in rows], [r["kl"] for r in rows],
+               color=[colours.get(r["stage"], "tab:blue") for r in rows])
+        limits = {r["kl_threshold"] for r in rows if r.get("kl_threshold") is not None}
+        for limit in limits:
+            ax.axhline(limit, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("mean KL (nats / answer token)")
+        ax.set_title(f"{report['adapter']}: drift against {report['against']} "
+                     f"({report['anchor_rows']} anchor rows)")
+        fig.tight_layout()
+        save_figure(fig, Path(path))
+    finally:
+        plt.close(fig)
+    return Path(path)

@@ -53,6 +53,21 @@ class Ref:
         return f"{self.stream}/{self.adapter}@v{self.version}"
 
 
+ID_RE = re.compile(r"(?:([^/@]+)/)?([^/@]+)(?:@v([1-9][0-9]*))?")
+
+
+def parse_id(text: str, default_stream: str | None = None) -> tuple[str, str, int | None]:
+    """Split `<stream>/<adapter>[@v<N>]` (or a bare adapter in the default stream), names validated."""
+    m = ID_RE.fullmatch(text or "")
+    if m is None:
+        raise RegistryError(f"invalid adapter id {text!r}: expected <stream>/<adapter>[@v<N>]")
+    stream, adapter, version = m.groups()
+    stream = stream or default_stream
+    if stream is None:
+        raise RegistryError(f"adapter id {text!r} names no stream: expected <stream>/<adapter>[@v<N>]")
+    return check_name(stream, "stream name"), check_name(adapter, "adapter name"), int(version) if version else None
+
+
 def sha256(data: bytes) -> str:
     """The hex SHA-256 of some bytes."""
     return hashlib.sha256(data).hexdigest()

@@ -1,0 +1,14 @@
+"""The terminal every command prints to, and the one way a command fails."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a clear error and exit non-zero."""
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
