@@ -17,13 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `make run` compares how much each strategy forgets, so the gate reports its verdicts (on every
+# registry card) instead of holding SeqLoRA's forgetting candidates back; `strata arrive` enforces it.
 run: $(STAMP)
-	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --out $(OUT)
+	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --gate report --out $(OUT)
 
 # A two-minute variant of `make run` on the small test backbone, for docs and CI.
 smoke: $(STAMP)
 	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --backbone builtin:test \
-		--tasks 3 --steps 40 --test-rows 100 --out runs/smoke
+		--tasks 3 --steps 40 --test-rows 100 --gate report --out runs/smoke
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

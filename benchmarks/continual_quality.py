@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from strata.atomic import write_text
-from strata.config import BackboneSpec, CMAConfig, DGGConfig, RunConfig, TrainConfig
+from strata.config import BackboneSpec, CMAConfig, DGGConfig, GateConfig, RunConfig, TrainConfig
 from strata.pipeline import run as run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +284,8 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     """The base run config and the plan of suites for these arguments."""
     backbone = BackboneSpec("builtin:test" if args.smoke_test else "builtin:tiny")
     steps, test_rows = (4, 16) if args.smoke_test else (args.steps, args.test_rows)
-    base = RunConfig(strategies=("seqlora",), backbone=backbone, n_test=test_rows,
+    # Report mode: the benchmark measures each strategy's raw forgetting, so no candidate is held back.
+    base = RunConfig(strategies=("seqlora",), backbone=backbone, n_test=test_rows, gate=GateConfig(mode="report"),
                      train=TrainConfig(steps=steps, executor="local"))
     if args.smoke_test:
         base = replace(base, n_train=64, n_val=8, replay_per_task=8,

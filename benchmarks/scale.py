@@ -40,7 +40,7 @@ from rich.table import Table
 
 from strata.atomic import write_text
 from strata.backbone.load import resolve
-from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
+from strata.config import AdapterSpec, BackboneSpec, GateConfig, RunConfig, TrainConfig
 from strata.data.benchmark import TASKS, generate_task
 from strata.data.schema import read_table, write_table
 from strata.eval.plots import save_figure
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     backbone = BackboneSpec("builtin:test" if args.quick else "builtin:tiny")
     n_tasks, steps = (3, 6) if args.quick else (args.tasks, args.steps)
-    cfg = RunConfig(strategies=("dgg",), backbone=backbone, adapter=AdapterSpec(),
+    cfg = RunConfig(strategies=("dgg",), backbone=backbone, adapter=AdapterSpec(), gate=GateConfig(mode="report"),
                     train=TrainConfig(steps=steps, batch_size=16, executor="local", checkpoint_every=0))
     console = Console()
     tasks = list(TASKS[:n_tasks])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
+from strata.config import AdapterSpec, BackboneSpec, GateConfig, RunConfig, TrainConfig
 from strata.coordinator import NAMESPACE, actor_name
 from strata.pipeline import coordinator, run
 
@@ -36,7 +36,8 @@ def test_stream_survives_a_killed_coordinator_and_a_killed_train_worker(ray_with
 
     cfg = RunConfig(strategies=("dgg",), tasks=3, out=str(tmp_path), stream="ft", n_train=64, n_val=8, n_test=40,
                     backbone=BackboneSpec(str(backbone_dir)), adapter=AdapterSpec(visual_rank=4, text_rank=4),
-                    train=TrainConfig(steps=60, batch_size=8, checkpoint_every=5, max_failures=2))
+                    train=TrainConfig(steps=60, batch_size=8, checkpoint_every=5, max_failures=2),
+                    gate=GateConfig(mode="report"))  # every task must be promoted for the version check
     outcome: dict = {}
 
     def drive() -> None:

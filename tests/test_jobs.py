@@ -72,6 +72,10 @@ def test_stream_job_runs_and_writes_metrics(head_node, backbone_dir, tmp_path):
     assert "succeeded" in proc.stdout
     metrics = json.loads((out / "seqlora" / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 2
+    # The job went through the registry and the gate: task 1 is served, task 2 was judged.
+    assert (out / "registry" / "default" / "seqlora" / "v1" / "MANIFEST.json").exists()
+    assert json.loads((out / "registry" / "default" / "seqlora" / "ALIASES.json").read_text())["production"] >= 1
+    assert metrics["gate"]["mode"] == "enforce" and len(metrics["training"]) == 2
 
 
 def test_failing_job_exits_non_zero_with_a_clear_message(head_node, tmp_path):
@@ -89,7 +93,8 @@ def test_tasks_arrive_as_separate_jobs_and_any_version_re_evaluates(head_node, b
     common = ["--strategy", "dgg", "--stream", "jobs", "--out", str(tmp_path / "stream"),
               "--backbone", str(backbone_dir)]
     for task, path in files.items():
-        proc = submit(env, address, ["--task", task, "--dataset", str(path), "--steps", "15", "--executor", "local", *common], "arrive")
+        proc = submit(env, address, ["--task", task, "--dataset", str(path), "--steps", "15", "--executor", "local",
+                                     "--gate", "report", *common], "arrive")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"task '{task}' arrives" in proc.stdout  # progress in the job's log
     metrics = json.loads((tmp_path / "stream" / "dgg" / "metrics.json").read_text())

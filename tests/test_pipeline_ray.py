@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import strata
-from strata.config import BackboneSpec, RunConfig, TrainConfig
+from strata.config import BackboneSpec, GateConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.integration
 
@@ -23,6 +23,7 @@ def results(ray_cluster, backbone_dir, tmp_path_factory):
         out=str(out),
         backbone=BackboneSpec(str(backbone_dir)),
         train=TrainConfig(steps=80, batch_size=32, lr=3e-3, report_every=20, checkpoint_every=0),
+        gate=GateConfig(mode="report"),  # measures raw forgetting: SeqLoRA's candidates must be kept
         n_train=400,
         n_val=20,
         n_test=120,
@@ -86,6 +87,7 @@ def test_seed_methods_run_through_the_same_pipeline_on_ray(ray_cluster, backbone
         out=str(tmp_path),
         backbone=BackboneSpec(str(backbone_dir)),
         train=TrainConfig(steps=4, batch_size=8, lr=3e-3),
+        gate=GateConfig(mode="report"),
         mode=MoDEConfig(experts=2, rank=4, reference_rows=16, kd_batch=4),
         cma=CMAConfig(memory=16, memory_batch=4),
         n_train=32,

@@ -100,6 +100,9 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, "test_sizes": sizes,
                "base_accuracy": base, "scorer_version": SCORER_VERSION, "training": training,
                **summarize(R, sizes, base)}
+    timeline = coord.timeline(name)
+    metrics["gate"] = {"mode": cfg.gate.mode, "failed": [e["task"] for e in timeline if not e.get("gate", {}).get("passed", True)],
+                       "rejected": [e["task"] for e in timeline if e["status"] == "rejected"]}
     if not s.strategy.shared:
         routed = [r for r in predictions if r["after_task"] == tasks[-1]]
         metrics["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)

@@ -48,7 +48,7 @@ def matrix_table(R: Matrix, tasks: Sequence[str], title: str) -> Table:
 
 
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
-    """One row per strategy with FAA, MFN, MFT, MAA, BWT, FWT, F (and router acc if any has it)."""
+    """One row per strategy: FAA, MFN, MFT, MAA, BWT, FWT, F, router acc (if any), and gate failures."""
     with_router = any("router_accuracy" in r for r in results.values())
     table = Table(title="strategy comparison")
     table.add_column("strategy", style="bold")
@@ -56,9 +56,13 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
         table.add_column(header, justify="right")
     if with_router:
         table.add_column("router acc", justify="right")
+    table.add_column("gate failed", justify="right")
     for name, r in results.items():
         cells = [_fmt(r.get(key), signed) for _, key, signed in _COLUMNS]
         if with_router:
             cells.append(_fmt(r.get("router_accuracy")))
+        gate = r.get("gate", {})
+        cells.append(f"{len(gate.get('failed', []))}/{len(r.get('tasks', []))}"
+                     + (" (kept)" if gate.get("mode") == "report" and gate.get("failed") else ""))
         table.add_row(str(name), *cells)
     return table
