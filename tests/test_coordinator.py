@@ -10,6 +10,7 @@ import pytest
 
 from strata.coordinator import Coordinator, StreamState, TaskBusy, actor_name
 
+
 def adapter(state: StreamState) -> dict:
     return {"name": "dgg", "version": state.next_version("dgg"), "registry": "/x/registry"}
 

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
+from lora_helper import trained_adapter
 from rich.console import Console
 from typer.testing import CliRunner
 
-from lora_helper import trained_adapter
 from strata import cli
 from strata.config import AdapterSpec, BackboneSpec, GateConfig, RunConfig, TrainConfig
 from strata.data.benchmark import write_benchmark

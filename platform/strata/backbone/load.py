@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -151,11 +152,23 @@ def _quiet_int8_cast_warning() -> None:
         log.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
 
 
+def backbone_hashes(path: Path) -> tuple[str, str]:
+    """SHA-256 over the backbone's config files and over its weight files (cached while they are unchanged)."""
+    files = sorted(f for f in Path(path).glob("*")
+                   if f.suffix in (".json", ".safetensors") and f.name != "strata_recipe.json")
+    return _hashes(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=8)
+def _hashes(files: tuple[tuple[str, int, int], ...]) -> tuple[str, str]:
+    config, weights = hashlib.sha256(), hashlib.sha256()
+    for name, _, _ in files:
+        f = Path(name)
+        (weights if f.suffix == ".safetensors" else config).update(f.name.encode() + f.read_bytes())
+    return config.hexdigest(), weights.hexdigest()
+
+
 def fingerprint(path: Path) -> str:
-    """A content hash of the backbone's config and weight files, for lineage."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*")):
-        if f.suffix in (".json", ".safetensors") and f.name != "strata_recipe.json":
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    """A content hash of the backbone's config and weight files together, for lineage."""
+    config, weights = backbone_hashes(path)
+    return hashlib.sha256((config + weights).encode()).hexdigest()[:16]

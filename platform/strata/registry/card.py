@@ -6,7 +6,6 @@ when a serving replica first loads it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from strata.backbone.load import backbone_hashes, fingerprint
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -42,18 +43,11 @@ class BackboneInfo:
 
 
 def backbone_info(source: str, path: Path, model: torch.nn.Module) -> BackboneInfo:
-    """Hash a backbone directory and list its modules' weight shapes (from the bare, unwrapped model)."""
-    config, weights = hashlib.sha256(), hashlib.sha256()
-    for f in sorted(Path(path).glob("*")):
-        if f.suffix == ".json" and f.name != "strata_recipe.json":
-            config.update(f.name.encode() + f.read_bytes())
-        elif f.suffix == ".safetensors":
-            weights.update(f.name.encode() + f.read_bytes())
-    shapes = {name: tuple(m.weight.shape) for name, m in model.named_modules()
-              if isinstance(getattr(m, "weight", None), torch.Tensor)}
-    shapes.update({name: () for name, _ in model.named_modules() if name not in shapes})
-    fp = hashlib.sha256((config.hexdigest() + weights.hexdigest()).encode()).hexdigest()[:16]
-    return BackboneInfo(source, fp, config.hexdigest(), weights.hexdigest(), shapes)
+    """A backbone's hashes and its modules' weight shapes (from the bare, unwrapped model)."""
+    config, weights = backbone_hashes(path)
+    shapes = {name: tuple(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else ()
+              for name, m in model.named_modules()}
+    return BackboneInfo(source, fingerprint(path), config, weights, shapes)
 
 
 def check_compatible(ref, src: Path, backbone: BackboneInfo) -> None:
