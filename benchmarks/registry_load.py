@@ -79,9 +79,9 @@ def measure(label: str, path: Path, source: str, work: Path, repeats: int, conso
     peft_model = add_adapter(model, "a", AdapterSpec(visual_rank=rank, text_rank=rank))
     src = save_adapter(peft_model, "a", work / f"src-{rank}")
     reg = Registry(str(work / "registry"))
-    ref = Ref("bench", f"r{rank}", 1)
+    ref = Ref(f"bench-r{rank}", "lora", 1)  # one stream per backbone: a stream pins its backbone
     reg.push(ref, src, {"strategy": "bench"}, info)
-    where = f"{reg.root}/bench/{ref.adapter}/v1"
+    where = f"{reg.root}/{ref.stream}/{ref.adapter}/v1"
     files = read_json(reg.fs, f"{where}/{MANIFEST}")["files"]
     size = sum(f["bytes"] for f in files.values())
     resident, _ = load_backbone(spec, path)  # the shared backbone a replica keeps loaded
@@ -119,7 +119,7 @@ def report(rows: list[dict], console: Console, out: Path) -> None:
     """Print the table, write JSON and the plot."""
     table = Table(title="cold load from the registry (median ms)")
     for col in ("adapter", "MiB", "fetch + check", "fetch, no check", "check overhead", "of cold load",
-                "cold load (fetch + check + PEFT attach)"):
+                "cold load"):
         table.add_column(col, justify="left" if col == "adapter" else "right")
     for r in rows:
         table.add_row(r["adapter"], f"{r['mib']:.2f}", f"{r['fetch_checked_ms']:.1f}", f"{r['fetch_unchecked_ms']:.1f}",
