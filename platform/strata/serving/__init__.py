@@ -1,0 +1,1 @@
+"""Serving: one frozen backbone, an LRU of registry adapters, mixed-adapter batched generation."""

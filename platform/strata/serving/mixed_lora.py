@@ -1,0 +1,103 @@
+"""Mixed-adapter LoRA: every row of a batch runs with its own adapter in one gathered matmul per layer.
+
+PEFT's `adapter_names` path loops over the distinct adapters of a batch in every layer, with a
+masked sub-batch forward each. Here each LoRA layer keeps its adapters' A and B stacked (ranks
+zero-padded to the largest), and a forward gathers one (A, B, scale) per row and does two batched
+matmuls: the cost no longer grows with the number of distinct adapters in the batch. The base
+layer runs once for the whole batch, with PEFT's adapters disabled; a forward hook adds the delta.
+The last slot of every stack is zeros: rows that ask for no adapter get the bare backbone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+
+@dataclass
+class Stack:
+    """One layer's adapters side by side: A (N+1, r, in), B (N+1, out, r), scale (N+1,)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor
+
+
+class MixedLoRA:
+    """Per-row adapter selection over all LoRA adapters a PeftModel holds."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        self.names: list[str] = []
+        self.stacks: dict[torch.nn.Module, Stack] = {}
+        self.rows: torch.Tensor | None = None  # the current batch's slot per row
+
+    def refresh(self) -> None:
+        """Re-stack every layer after adapters were loaded or deleted."""
+        self.names = [n for n in self.model.peft_config if n in self._lora_names()]
+        self.stacks = {layer: self._stack(layer) for layer in self.layers}
+
+    def _lora_names(self) -> set[str]:
+        return {n for layer in self.layers for n in layer.lora_A}
+
+    def _stack(self, layer) -> Stack:
+        base = layer.get_base_layer()
+        out_f, in_f = base.weight.shape
+        present = [n for n in self.names if n in layer.lora_A]
+        for n in present:
+            if n in getattr(layer, "lora_variant", {}) or layer.use_dora.get(n, False):
+                raise ValueError(f"adapter {n!r} is not plain LoRA (DoRA or another variant); "
+                                 "it cannot join a mixed batch")
+        r = max((layer.lora_A[n].weight.shape[0] for n in present), default=1)
+        slots = len(self.names) + 1
+        A = torch.zeros(slots, r, in_f)
+        B = torch.zeros(slots, out_f, r)
+        scale = torch.zeros(slots)
+        for i, n in enumerate(self.names):
+            if n in layer.lora_A:
+                a, b = layer.lora_A[n].weight, layer.lora_B[n].weight
+                A[i, : a.shape[0]] = a.detach().float()
+                B[i, :, : b.shape[1]] = b.detach().float()
+                scale[i] = layer.scaling[n]
+        return Stack(A, B, scale)
+
+    def slots(self, adapters: list[str | None]) -> torch.Tensor:
+        """Slot index per row; None is the bare backbone."""
+        unknown = [a for a in adapters if a is not None and a not in self.names]
+        if unknown:
+            raise KeyError(f"adapters not loaded: {sorted(set(unknown))}")
+        bare = len(self.names)
+        return torch.tensor([bare if a is None else self.names.index(a) for a in adapters])
+
+    @contextlib.contextmanager
+    def select(self, adapters: list[str | None]) -> Iterator[PeftModel]:
+        """Run the block with row i of every batch using `adapters[i]`."""
+        if set(self.names) != self._lora_names() or len(self.stacks) != len(self.layers):
+            self.refresh()
+        self.rows = self.slots(adapters)
+        hooks = [layer.register_forward_hook(self._add_delta) for layer in self.layers]
+        try:
+            with self.model.disable_adapter():
+                yield self.model
+        finally:
+            for h in hooks:
+                h.remove()
+            self.rows = None
+
+    def _add_delta(self, layer, args, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if x.shape[0] != len(self.rows):
+            raise RuntimeError(f"a batch of {x.shape[0]} rows reached a LoRA layer, but {len(self.rows)} "
+                               "adapters were selected")
+        s = self.stacks[layer]
+        A, B = s.A.to(x.device, x.dtype)[self.rows], s.B.to(x.device, x.dtype)[self.rows]  # (N, r, in), (N, out, r)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, tokens, in)
+        delta = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))  # (N, tokens, out)
+        delta = delta * s.scale.to(x.device, x.dtype)[self.rows].view(-1, 1, 1)
+        return output + delta.reshape(*x.shape[:-1], -1).to(output.dtype)
