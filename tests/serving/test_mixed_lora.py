@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lora_helper import trained_adapter
+
 from strata.adapters.lora import load_adapter
 from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task

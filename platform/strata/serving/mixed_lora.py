@@ -33,13 +33,16 @@ class MixedLoRA:
 
     def __init__(self, model: PeftModel) -> None:
         self.model = model
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+        self.layers: list[LoraLinear] = []
+        self.seen: list[str] | None = None  # peft_config's adapters when the stacks were built
         self.names: list[str] = []
         self.stacks: dict[torch.nn.Module, Stack] = {}
         self.rows: torch.Tensor | None = None  # the current batch's slot per row
 
     def refresh(self) -> None:
-        """Re-stack every layer after adapters were loaded or deleted."""
+        """Re-find the LoRA layers and re-stack them after adapters were loaded or deleted."""
+        self.seen = list(self.model.peft_config)
+        self.layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
         self.names = [n for n in self.model.peft_config if n in self._lora_names()]
         self.stacks = {layer: self._stack(layer) for layer in self.layers}
 
@@ -78,7 +81,7 @@ class MixedLoRA:
     @contextlib.contextmanager
     def select(self, adapters: list[str | None]) -> Iterator[PeftModel]:
         """Run the block with row i of every batch using `adapters[i]`."""
-        if set(self.names) != self._lora_names() or len(self.stacks) != len(self.layers):
+        if list(self.model.peft_config) != self.seen:
             self.refresh()
         self.rows = self.slots(adapters)
         hooks = [layer.register_forward_hook(self._add_delta) for layer in self.layers]

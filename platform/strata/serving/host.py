@@ -1,0 +1,209 @@
+"""AdapterHost: one frozen backbone, an LRU of registry adapters, mixed-adapter batched generation.
+
+A request names a serving id (DESIGN §2): `<stream>/<adapter>@v<N>`, `<stream>/<adapter>` (its
+production version, looked up on every request, so a promotion or a rollback is served on the
+next one), a bare `<adapter>` in the default stream, or `<stream>/auto` (the Decoupled router,
+rebuilt from the production versions' prototypes). Adapters come hash-checked from the registry.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from strata.adapters.lora import load_adapter
+from strata.backbone.features import pooled_features
+from strata.backbone.load import fingerprint, load_backbone, resolve
+from strata.config import BackboneSpec
+from strata.data.collate import collate, encode_table
+from strata.registry import Ref, Registry, RegistryError, parse_id
+from strata.serving.mixed_lora import MixedLoRA
+from strata.strategies.decoupled import ROUTER_FILE, PrototypeRouter
+
+
+class UnknownAdapter(LookupError):
+    """A serving id that names no adapter, or no production version, in the registry."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One completion request, already decoded by the ingress."""
+
+    model: str
+    prompt: str
+    image: bytes
+    max_tokens: int = 16
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one request produced, and which exact version produced it."""
+
+    model: str  # `<stream>/<adapter>@v<N>`
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens)
+
+
+@dataclass
+class Stats:
+    """Counters for the metrics endpoint."""
+
+    requests: Counter = field(default_factory=Counter)  # per resolved adapter id
+    loads: Counter = field(default_factory=Counter)
+    evictions: Counter = field(default_factory=Counter)
+    load_seconds: float = 0.0
+
+
+class AdapterHost:
+    """Serve many registry adapters from one backbone, `capacity` of them resident at a time."""
+
+    def __init__(self, registry: str, backbone: BackboneSpec, capacity: int = 8,
+                 default_stream: str = "default") -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.registry = Registry(registry)
+        self.spec, self.path = backbone, resolve(backbone)
+        self.fingerprint = fingerprint(self.path)
+        self.model, self.processor = load_backbone(backbone, self.path)
+        self.capacity, self.default_stream = capacity, default_stream
+        self.resident: OrderedDict[str, Ref] = OrderedDict()  # PEFT adapter name -> version, LRU order
+        self.mixed: MixedLoRA | None = None
+        self.routers: dict[tuple, PrototypeRouter] = {}
+        self.stats = Stats()
+
+    # ---- naming -------------------------------------------------------------------------------
+    def resolve(self, model_id: str) -> Ref | str:
+        """The exact version a serving id means now; `<stream>/auto` comes back as the stream name."""
+        stream, adapter, version = parse_id(model_id, self.default_stream)
+        if adapter == "auto":
+            return stream
+        if stream not in self.registry.streams() or adapter not in self.registry.adapters(stream):
+            raise UnknownAdapter(f"no adapter {stream}/{adapter} in the registry")
+        if version is None:
+            version = self.registry.production(stream, adapter)
+            if version is None:
+                raise UnknownAdapter(f"{stream}/{adapter} has no production version")
+        elif version not in self.registry.versions(stream, adapter):
+            raise UnknownAdapter(f"no version v{version} of {stream}/{adapter}")
+        return Ref(stream, adapter, version)
+
+    def production(self) -> list[Ref]:
+        """Every adapter's production version, across streams."""
+        return [Ref(s, a, v) for s in self.registry.streams() for a in self.registry.adapters(s)
+                if (v := self.registry.production(s, a)) is not None]
+
+    # ---- the LRU ------------------------------------------------------------------------------
+    def load(self, ref: Ref) -> str:
+        """Make `ref` resident (hash-checked from the registry) and most recently used; its PEFT name."""
+        name = f"{ref.stream}--{ref.adapter}--v{ref.version}"
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return name
+        card = self.registry.card(ref)
+        if card["backbone"]["fingerprint"] != self.fingerprint:
+            raise RegistryError(f"{ref} was trained on backbone {card['backbone']['fingerprint']}, but this host "
+                                f"serves {self.spec.source} ({self.fingerprint})")
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model = load_adapter(self.model, self.registry.fetch(ref, Path(tmp)), name)
+        self.resident[name] = ref
+        self.stats.loads[str(ref)] += 1
+        self.stats.load_seconds += time.perf_counter() - started
+        while len(self.resident) > self.capacity:
+            old, old_ref = self.resident.popitem(last=False)
+            self.model.set_adapter(name)  # PEFT refuses to delete the active adapter
+            self.model.delete_adapter(old)
+            self.stats.evictions[str(old_ref)] += 1
+        if self.mixed is None:
+            self.mixed = MixedLoRA(self.model)
+        return name
+
+    def preload(self, model_ids: list[str]) -> None:
+        """Load adapters at start (serving ids), most important last so they stay resident."""
+        for model_id in model_ids:
+            ref = self.resolve(model_id)
+            if isinstance(ref, Ref):
+                self.load(ref)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def complete(self, requests: list[Request]) -> list[Completion]:
+        """Answer a batch of requests, rows of different adapters in one forward where they fit."""
+        enc = encode_table(self.processor, pa.table({
+            "image": pa.array([r.image for r in requests], pa.binary()),
+            "prompt": [r.prompt for r in requests], "answer": [""] * len(requests)}), with_answers=False)
+        refs = self._refs(requests, enc)
+        out: list[Completion | None] = [None] * len(requests)
+        for temperature in sorted({r.temperature for r in requests}):
+            rows = [i for i, r in enumerate(requests) if r.temperature == temperature]
+            for chunk in self._fitting(rows, refs):
+                names = [self.load(refs[i]) for i in chunk]
+                for i, c in zip(chunk, self._generate(enc.select(chunk), names, [requests[i] for i in chunk],
+                                                      temperature)):
+                    out[i] = Completion(str(refs[i]), *c)
+                    self.stats.requests[str(refs[i])] += 1
+        return out
+
+    def _refs(self, requests: list[Request], enc) -> list[Ref]:
+        refs = [self.resolve(r.model) for r in requests]
+        for stream in {r for r in refs if isinstance(r, str)}:  # `<stream>/auto` rows
+            rows = [i for i, r in enumerate(refs) if r == stream]
+            with torch.no_grad():
+                picked = self.router(stream).route(pooled_features(self.model, self.processor, enc.select(rows)))
+            for i, adapter in zip(rows, picked):
+                refs[i] = self.resolve(f"{stream}/{adapter}")
+        return refs
+
+    def router(self, stream: str) -> PrototypeRouter:
+        """The Decoupled router over the stream's production versions that carry a prototype."""
+        refs = [r for r in self.production() if r.stream == stream]
+        key = tuple(refs)
+        if key not in self.routers:
+            found = []
+            with tempfile.TemporaryDirectory() as tmp:
+                for ref in refs:
+                    files = self.registry.verify(ref)
+                    if ROUTER_FILE in files:
+                        (Path(tmp) / ROUTER_FILE).write_bytes(files[ROUTER_FILE])
+                        found.append((ref.adapter, PrototypeRouter.load(tmp)))
+            if not found:
+                raise UnknownAdapter(f"stream {stream!r} has no production adapter with a router prototype; "
+                                     "`auto` needs Decoupled adapters")
+            self.routers = {key: PrototypeRouter([a for a, _ in found], *(torch.cat([getattr(r, k) for _, r in found])
+                                                                         for k in ("means", "scatters", "counts")))}
+        return self.routers[key]
+
+    def _fitting(self, rows: list[int], refs: list[Ref]) -> list[list[int]]:
+        """Split rows into chunks whose distinct adapters fit in the LRU at once."""
+        chunks: list[list[int]] = []
+        for i in rows:
+            if chunks and len({refs[j] for j in chunks[-1]} | {refs[i]}) <= self.capacity:
+                chunks[-1].append(i)
+            else:
+                chunks.append([i])
+        return chunks
+
+    @torch.no_grad()
+    def _generate(self, enc, names: list[str], requests: list[Request],
+                  temperature: float) -> list[tuple[str, list[int], str]]:
+        tok = self.processor.tokenizer
+        batch = collate(enc, tok.pad_token_id, left_pad=True)
+        batch.pop("labels")
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with self.mixed.select(names) as model:
+            out = model.generate(**batch, max_new_tokens=max(r.max_tokens for r in requests),
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
+        results = []
+        for row, r in zip(out[:, batch["input_ids"].shape[1]:].tolist(), requests):
+            row = row[: r.max_tokens]
+            stop = tok.eos_token_id in row
+            row = row[: row.index(tok.eos_token_id)] if stop else row
+            results.append((tok.decode(row, skip_special_tokens=True).strip(), row, "stop" if stop else "length"))
+        return results
