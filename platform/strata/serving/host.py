@@ -168,11 +168,13 @@ class AdapterHost:
         if key not in self.routers:
             found = []
             with tempfile.TemporaryDirectory() as tmp:
-                for ref in refs:
+                for i, ref in enumerate(refs):
                     files = self.registry.verify(ref)
                     if ROUTER_FILE in files:
-                        (Path(tmp) / ROUTER_FILE).write_bytes(files[ROUTER_FILE])
-                        found.append((ref.adapter, PrototypeRouter.load(tmp)))
+                        # One file each: safetensors maps the file, so overwriting it would change loaded tensors.
+                        (Path(tmp) / str(i)).mkdir()
+                        (Path(tmp) / str(i) / ROUTER_FILE).write_bytes(files[ROUTER_FILE])
+                        found.append((ref.adapter, PrototypeRouter.load(str(Path(tmp) / str(i)))))
             if not found:
                 raise UnknownAdapter(f"stream {stream!r} has no production adapter with a router prototype; "
                                      "`auto` needs Decoupled adapters")
