@@ -117,7 +117,7 @@ def _type_ok(name: str, dtype: pa.DataType) -> bool:
     return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
 
 
-def _image_problem(data: bytes, max_image_bytes: int, max_pixels: int) -> str | None:
+def image_problem(data: bytes, max_image_bytes: int, max_pixels: int) -> str | None:
     """Why these image bytes are unacceptable, or None when they decode within the limits."""
     if len(data) > max_image_bytes:
         return f"image is {len(data)} bytes, over the limit of {max_image_bytes}"
@@ -196,7 +196,7 @@ def validate_table(
             if data is None:
                 continue  # a text-only row
             image_hashes[row] = hashlib.sha256(data).hexdigest()
-            reason = _image_problem(data, max_image_bytes, max_pixels)
+            reason = image_problem(data, max_image_bytes, max_pixels)
             if reason is not None:
                 add(row, "image", reason)
 

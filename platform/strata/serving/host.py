@@ -50,6 +50,7 @@ class Completion:
     text: str
     tokens: list[int]
     finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens)
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -60,6 +61,22 @@ class Stats:
     loads: Counter = field(default_factory=Counter)
     evictions: Counter = field(default_factory=Counter)
     load_seconds: float = 0.0
+
+
+def resolve_id(registry: Registry, model_id: str, default_stream: str) -> Ref | str:
+    """The exact version a serving id means now; `<stream>/auto` comes back as the stream name."""
+    stream, adapter, version = parse_id(model_id, default_stream)
+    if adapter == "auto":
+        return stream
+    if stream not in registry.streams() or adapter not in registry.adapters(stream):
+        raise UnknownAdapter(f"no adapter {stream}/{adapter} in the registry")
+    if version is None:
+        version = registry.production(stream, adapter)
+        if version is None:
+            raise UnknownAdapter(f"{stream}/{adapter} has no production version")
+    elif version not in registry.versions(stream, adapter):
+        raise UnknownAdapter(f"no version v{version} of {stream}/{adapter}")
+    return Ref(stream, adapter, version)
 
 
 class AdapterHost:
@@ -82,18 +99,7 @@ class AdapterHost:
     # ---- naming -------------------------------------------------------------------------------
     def resolve(self, model_id: str) -> Ref | str:
         """The exact version a serving id means now; `<stream>/auto` comes back as the stream name."""
-        stream, adapter, version = parse_id(model_id, self.default_stream)
-        if adapter == "auto":
-            return stream
-        if stream not in self.registry.streams() or adapter not in self.registry.adapters(stream):
-            raise UnknownAdapter(f"no adapter {stream}/{adapter} in the registry")
-        if version is None:
-            version = self.registry.production(stream, adapter)
-            if version is None:
-                raise UnknownAdapter(f"{stream}/{adapter} has no production version")
-        elif version not in self.registry.versions(stream, adapter):
-            raise UnknownAdapter(f"no version v{version} of {stream}/{adapter}")
-        return Ref(stream, adapter, version)
+        return resolve_id(self.registry, model_id, self.default_stream)
 
     def production(self) -> list[Ref]:
         """Every adapter's production version, across streams."""
@@ -118,13 +124,19 @@ class AdapterHost:
         self.stats.loads[str(ref)] += 1
         self.stats.load_seconds += time.perf_counter() - started
         while len(self.resident) > self.capacity:
-            old, old_ref = self.resident.popitem(last=False)
-            self.model.set_adapter(name)  # PEFT refuses to delete the active adapter
-            self.model.delete_adapter(old)
-            self.stats.evictions[str(old_ref)] += 1
+            self.unload(next(iter(self.resident)))
         if self.mixed is None:
             self.mixed = MixedLoRA(self.model)
         return name
+
+    def unload(self, name: str) -> None:
+        """Drop a resident adapter (no-op when it is not resident, or is the last one: PEFT keeps one)."""
+        if name not in self.resident or len(self.resident) == 1:
+            return
+        ref = self.resident.pop(name)
+        self.model.set_adapter(next(iter(self.resident)))  # PEFT refuses to delete the active adapter
+        self.model.delete_adapter(name)
+        self.stats.evictions[str(ref)] += 1
 
     def preload(self, model_ids: list[str]) -> None:
         """Load adapters at start (serving ids), most important last so they stay resident."""
@@ -147,7 +159,7 @@ class AdapterHost:
                 names = [self.load(refs[i]) for i in chunk]
                 for i, c in zip(chunk, self._generate(enc.select(chunk), names, [requests[i] for i in chunk],
                                                       temperature)):
-                    out[i] = Completion(str(refs[i]), *c)
+                    out[i] = Completion(str(refs[i]), *c, prompt_tokens=len(enc.input_ids[i]))
                     self.stats.requests[str(refs[i])] += 1
         return out
 

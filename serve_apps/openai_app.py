@@ -1,0 +1,223 @@
+"""The Strata serving application: an OpenAI-compatible ingress in front of multiplexed backbone replicas.
+
+    serve deploy serve_apps/config.yaml        # on a cluster
+    strata serve --registry runs/s/registry    # locally
+
+`Ingress` (FastAPI) checks the token, the body and the image, resolves the serving id to an exact
+registry version (so a promotion or a rollback is served on the next request) and forwards it as
+the `multiplexed_model_id`. `AdapterServer` holds one frozen backbone per replica; Serve's
+multiplexer keeps the replica's adapter LRU and routes each id to a replica that holds it, and
+`serve.batch` gathers concurrent requests, for any mix of adapters, into one batched generation.
+"""
+
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.util import metrics
+
+from strata.config import BackboneSpec
+from strata.registry import Registry, RegistryError
+from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, resolve_id
+from strata.serving.openai import ApiError, Limits, completion_body, parse_chat, stream_chunks
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `serve deploy` args or `strata serve` flags set."""
+
+    registry: str = "runs/stream/registry"
+    backbone: str = "builtin:tiny"
+    default_stream: str = "default"
+    capacity: int = 8  # adapters resident per replica (Serve's multiplexed LRU)
+    preload: tuple[str, ...] = ()  # serving ids loaded when a replica starts
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.005  # how long the micro-batcher waits for more requests
+    token: str | None = None  # bearer token; None: no auth
+    limits: Limits = field(default_factory=Limits)
+
+    @staticmethod
+    def from_args(args: dict) -> "ServeConfig":
+        """Fill the config from `serve deploy` args (unknown keys are an error)."""
+        known = {f.name for f in fields(ServeConfig)}
+        unknown = set(args) - known
+        if unknown:
+            raise ValueError(f"unknown serve arg(s) {sorted(unknown)}; known: {sorted(known)}")
+        args = dict(args)
+        if "limits" in args:
+            args["limits"] = Limits(**args["limits"])
+        if "preload" in args:
+            args["preload"] = tuple(args["preload"])
+        return ServeConfig(**args)
+
+
+class Resident:
+    """What Serve's multiplexer holds per adapter; evicting it unloads the adapter from the host."""
+
+    def __init__(self, host: AdapterHost, name: str) -> None:
+        self.host, self.name = host, name
+
+    def __del__(self) -> None:
+        self.host.unload(self.name)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+class AdapterServer:
+    """One frozen backbone and its resident adapters; micro-batches requests of any adapters."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = ServeConfig.from_args(cfg)
+        # Serve's LRU decides what stays; the host's own bound only guards `auto` rows loaded outside it.
+        self.host = AdapterHost(self.cfg.registry, BackboneSpec(self.cfg.backbone), self.cfg.capacity + 4,
+                                self.cfg.default_stream)
+        self.host.preload(list(self.cfg.preload))
+
+        async def load(model_id: str) -> Resident | None:  # a plain function: Serve keeps its LRU on it
+            return await self._load(model_id)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.capacity)(load)
+        self.batched.set_max_batch_size(self.cfg.max_batch_size)
+        self.batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        self.requests = metrics.Counter("strata_adapter_requests", "Completions per adapter version.",
+                                        tag_keys=("adapter",))
+        self.latency = metrics.Histogram("strata_adapter_latency_s", "Completion latency per adapter version.",
+                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=("adapter",))
+        self.loads = metrics.Counter("strata_adapter_loads", "Adapter loads per version.", tag_keys=("adapter",))
+        self.evictions = metrics.Counter("strata_adapter_evictions", "Adapter evictions per version.",
+                                         tag_keys=("adapter",))
+
+    async def _load(self, model_id: str) -> Resident | None:
+        ref = self.host.resolve(model_id)
+        if isinstance(ref, str):
+            return None  # `<stream>/auto`: its rows load their routed adapters in the batch
+        before = sum(self.host.stats.evictions.values())
+        name = self.host.load(ref)
+        self.loads.inc(tags={"adapter": str(ref)})
+        if sum(self.host.stats.evictions.values()) > before:
+            self.evictions.inc(tags={"adapter": "host-lru"})
+        return Resident(self.host, name)
+
+    async def complete(self, request: Request) -> Completion:
+        """Answer one request (batched with whatever else arrives within the wait)."""
+        started = time.perf_counter()
+        await self.get_model(serve.get_multiplexed_model_id())
+        completion = await self.batched(request)
+        self.requests.inc(tags={"adapter": completion.model})
+        self.latency.observe(time.perf_counter() - started, tags={"adapter": completion.model})
+        return completion
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def batched(self, requests: list[Request]) -> list[Completion]:
+        """One generation pass for a micro-batch of requests.
+
+        It runs on the replica's event loop on purpose: loads and evictions run there too, so the
+        model never changes under a generation. Requests arriving meanwhile queue for the next batch.
+        """
+        return self.host.complete(requests)
+
+    def stats(self) -> dict:
+        """This replica's counters: requests, loads and evictions per adapter version."""
+        s = self.host.stats
+        return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
+                "resident": [str(r) for r in self.host.resident.values()]}
+
+
+api = FastAPI(title="Strata")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Ingress:
+    """The OpenAI chat-completions API over the adapter servers."""
+
+    def __init__(self, server: DeploymentHandle, cfg: dict) -> None:
+        self.server, self.cfg = server, ServeConfig.from_args(cfg)
+        self.registry = Registry(self.cfg.registry)
+
+    def _authorize(self, request: HttpRequest) -> None:
+        if self.cfg.token and request.headers.get("authorization") != f"Bearer {self.cfg.token}":
+            raise ApiError(401, "missing or wrong bearer token", "authentication_error")
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: HttpRequest):
+        """A chat completion (streamed as server-sent events with `stream: true`)."""
+        try:
+            self._authorize(request)
+            raw = await request.body()
+            if len(raw) > self.cfg.limits.max_body_bytes:
+                raise ApiError(413, f"request body is {len(raw)} bytes, over the limit of "
+                                    f"{self.cfg.limits.max_body_bytes}")
+            try:
+                body = json.loads(raw)
+            except ValueError as e:
+                raise ApiError(400, f"the request body is not JSON: {e}") from e
+            req, stream = parse_chat(body, self.cfg.limits)
+            ref = resolve_id(self.registry, req.model, self.cfg.default_stream)
+            model_id = f"{ref}/auto" if isinstance(ref, str) else str(ref)
+            handle = self.server.options(multiplexed_model_id=model_id)
+            completion = await handle.complete.remote(replace(req, model=model_id))
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        except UnknownAdapter as e:
+            return JSONResponse(ApiError(404, str(e), "not_found_error", "model").body(), status_code=404)
+        except (RegistryError, ValueError) as e:
+            return JSONResponse(ApiError(400, str(e), param="model").body(), status_code=400)
+        if stream:
+            return StreamingResponse(self._events(completion), media_type="text/event-stream")
+        return JSONResponse(completion_body(completion))
+
+    @staticmethod
+    async def _events(completion: Completion):
+        words = completion.text.split(" ")
+        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(words)] if completion.text else []
+        for chunk in stream_chunks(completion, pieces):
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @api.get("/v1/models")
+    async def models(self, request: HttpRequest):
+        """Every production adapter, by its serving id."""
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        data = []
+        for s in self.registry.streams():
+            for a in self.registry.adapters(s):
+                version = self.registry.production(s, a)
+                if version is not None:
+                    data.append({"id": f"{s}/{a}", "object": "model", "owned_by": "strata",
+                                 "version": f"v{version}"})
+        return {"object": "list", "data": data}
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        """The ingress is up."""
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self):
+        """A backbone replica answers."""
+        try:
+            await asyncio.wait_for(self.server.stats.remote(), timeout=5)
+        except Exception as e:  # noqa: BLE001 - not ready, whatever the reason
+            return JSONResponse({"status": "not ready", "reason": str(e)}, status_code=503)
+        return {"status": "ready"}
+
+    @api.get("/v1/stats")
+    async def stats(self) -> dict:
+        """One replica's per-adapter counters (Prometheus has them for all replicas)."""
+        return await self.server.stats.remote()
+
+
+def app(args: dict):
+    """The application builder `serve deploy` and `strata serve` call with the config's args."""
+    cfg = asdict(ServeConfig.from_args(args))
+    return Ingress.bind(AdapterServer.bind(cfg), cfg)
