@@ -13,6 +13,7 @@ multiplexer keeps the replica's adapter LRU and routes each id to a replica that
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -40,7 +41,7 @@ class ServeConfig:
     preload: tuple[str, ...] = ()  # serving ids loaded when a replica starts
     max_batch_size: int = 16
     batch_wait_s: float = 0.005  # how long the micro-batcher waits for more requests
-    token: str | None = None  # bearer token; None: no auth
+    token: str | None = None  # bearer token; None: $STRATA_SERVE_TOKEN, and no auth when that is unset
     limits: Limits = field(default_factory=Limits)
 
     @staticmethod
@@ -62,10 +63,14 @@ class Resident:
     """What Serve's multiplexer holds per adapter; evicting it unloads the adapter from the host."""
 
     def __init__(self, host: AdapterHost, name: str) -> None:
-        self.host, self.name = host, name
+        self.host, self.name, self.live = host, name, True
 
     def __del__(self) -> None:
-        self.host.unload(self.name)
+        # Serve calls this on eviction, and the garbage collector may call it again later, after
+        # the same adapter was loaded anew: only the first call may unload it.
+        if self.live:
+            self.live = False
+            self.host.unload(self.name)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1})
@@ -140,9 +145,10 @@ class Ingress:
     def __init__(self, server: DeploymentHandle, cfg: dict) -> None:
         self.server, self.cfg = server, ServeConfig.from_args(cfg)
         self.registry = Registry(self.cfg.registry)
+        self.token = self.cfg.token or os.environ.get("STRATA_SERVE_TOKEN") or None
 
     def _authorize(self, request: HttpRequest) -> None:
-        if self.cfg.token and request.headers.get("authorization") != f"Bearer {self.cfg.token}":
+        if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
             raise ApiError(401, "missing or wrong bearer token", "authentication_error")
 
     @api.post("/v1/chat/completions")
@@ -215,6 +221,15 @@ class Ingress:
     async def stats(self) -> dict:
         """One replica's per-adapter counters (Prometheus has them for all replicas)."""
         return await self.server.stats.remote()
+
+
+def load_config(path: str) -> tuple[dict, dict]:
+    """The app's args and http options from a `serve deploy` config file."""
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    return raw["applications"][0].get("args", {}), raw.get("http_options", {})
 
 
 def app(args: dict):

@@ -370,3 +370,41 @@ def monitor_drift(
     write_text(out / "drift.json", json.dumps(report, indent=1))
     plot_drift(report, out / "drift.png")
     console.print(f"wrote {out / 'drift.json'} and {out / 'drift.png'}")
+
+
+@app.command()
+def serve(
+    config: Path = typer.Option(Path("serve_apps/config.yaml"), help="A `serve deploy` config: its app args."),
+    registry: str | None = typer.Option(None, help="Registry root (overrides the config)."),
+    backbone: str | None = typer.Option(None, help="The backbone the registry's streams are pinned to."),
+    preload: list[str] = typer.Option([], "--preload", help="Serving id to load at start; repeat for several."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    token: str | None = typer.Option(None, envvar="STRATA_SERVE_TOKEN", help="Require this bearer token."),
+) -> None:
+    """Serve the registry's adapters locally: OpenAI chat completions on Ray Serve (Ctrl-C stops it)."""
+    import os
+    import sys
+
+    root = str(config.resolve().parent.parent)  # serve_apps/ sits at the repository root
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    from ray import serve as ray_serve
+    from serve_apps.openai_app import ServeConfig, load_config
+    from serve_apps.openai_app import app as build
+
+    from strata.backbone.load import resolve
+    from strata.config import BackboneSpec
+    from strata.train.driver import init_ray
+
+    try:
+        args, _ = load_config(str(config))
+        flags = {"registry": registry, "backbone": backbone, "token": token, "preload": preload or None}
+        args.update({k: v for k, v in flags.items() if v is not None})
+        resolve(BackboneSpec(ServeConfig.from_args(args).backbone))  # bad args fail here, before Ray starts
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        fail(f"{config}: {e}")
+    init_ray()
+    ray_serve.start(http_options={"host": host, "port": port})
+    console.print(f"serving {args.get('registry')} at http://{host}:{port}/v1 (Ctrl-C stops)")
+    ray_serve.run(build(args), name="strata", route_prefix="/", blocking=True)

@@ -1,0 +1,294 @@
+"""Serving: mixed-adapter batches, adapter switches, cold loads, and throughput over HTTP on loopback.
+
+    .venv/bin/python benchmarks/serve.py            # width-512 tiny LLaVA, 16 adapters (a few minutes)
+    .venv/bin/python benchmarks/serve.py --quick    # the test backbone, fewer repeats
+
+All on one backbone built from config (width 512, untrained: speed does not depend on the weights)
+with 16 LoRA adapters (rank 8, vision tower + projector + LM), side by side in one run:
+  forward     one batch of 32 rows spread over 16 adapters: Strata's gathered mixed LoRA, PEFT's
+              `adapter_names` path, and one PEFT forward per adapter; against a 1-adapter batch.
+  switch      in-process `AdapterHost`: a 1-token request alternating between two resident
+              adapters against the same adapter every time (p50/p99 over `--switches` requests);
+              PEFT's `set_adapter` timed alone for reference.
+  cold load   `AdapterHost.load` of an adapter that is not resident (registry fetch, hash check,
+              PEFT attach).
+  http        the Serve app on loopback, 32 concurrent clients, 8-token answers: 1 adapter, 16
+              adapters uniform, 16 adapters skewed (Zipf, s=1.2); requests/s.
+Writes benchmarks/results/serve.json, a plot beside it, and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from strata.adapters.lora import add_adapter, save_adapter
+from strata.atomic import write_text
+from strata.backbone.load import load_backbone, resolve
+from strata.backbone.tiny import RECIPES, build_model
+from strata.config import AdapterSpec, BackboneSpec
+from strata.data.benchmark import generate_task
+from strata.data.collate import collate, encode_table
+from strata.eval.plots import save_figure
+from strata.registry import Ref, Registry, backbone_info
+from strata.serving.host import AdapterHost, Request
+from strata.serving.mixed_lora import MixedLoRA
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+ADAPTERS = 16
+
+
+def build(work: Path, quick: bool, console: Console) -> tuple[BackboneSpec, Registry]:
+    """A backbone directory built from config, and a registry with 16 LoRA adapters on it."""
+    test = resolve(BackboneSpec("builtin:test"))
+    _, processor = load_backbone(BackboneSpec("builtin:test"), test)
+    recipe = RECIPES["builtin:test"] if quick else replace(RECIPES["builtin:tiny"], width=512, heads=8)
+    model = build_model(recipe, processor)
+    model.save_pretrained(work / "backbone")
+    processor.save_pretrained(work / "backbone")
+    spec = BackboneSpec(str(work / "backbone"))
+    bare, _ = load_backbone(spec, work / "backbone")
+    info = backbone_info(spec.source, work / "backbone", bare)
+    reg = Registry(str(work / "registry"))
+    for i in range(ADAPTERS):
+        fresh, _ = load_backbone(spec, work / "backbone")
+        peft = add_adapter(fresh, "a", AdapterSpec(visual_rank=8, text_rank=8))
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        ref = Ref("bench", f"a{i:02d}", 1)
+        reg.push(ref, save_adapter(peft, "a", work / f"src{i}"), {"strategy": "bench"}, info)
+        reg.promote(ref)
+    console.log(f"backbone width {recipe.width}, {ADAPTERS} adapters in {reg.uri}")
+    return spec, reg
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall times of `repeats` calls, after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+@torch.no_grad()
+def forwards(host: AdapterHost, repeats: int) -> dict:
+    """One 32-row batch over 16 adapters: mixed LoRA vs PEFT adapter_names vs per-adapter forwards."""
+    names = [host.load(r) for r in host.production()]
+    table = generate_task("colour", 0, n_train=0, n_val=0, n_test=32)
+    batch = collate(encode_table(host.processor, table, with_answers=False), host.processor.tokenizer.pad_token_id)
+    batch.pop("labels")
+    rows = [names[i % len(names)] for i in range(32)]
+    model, mixed = host.model, MixedLoRA(host.model)
+
+    def ours():
+        with mixed.select(rows) as m:
+            m(**batch)
+
+    def one_adapter():
+        with mixed.select([names[0]] * 32) as m:
+            m(**batch)
+
+    def peft_single():
+        model.set_adapter(names[0])
+        model(**batch)
+
+    def peft_mixed():
+        model(**batch, adapter_names=rows)
+
+    def per_adapter():
+        for name in names:
+            idx = [i for i, r in enumerate(rows) if r == name]
+            model.set_adapter(name)
+            model(**{k: v[idx] for k, v in batch.items()})
+
+    t = {k: statistics.median(timed(f, repeats)) for k, f in
+         {"strata_mixed": ours, "strata_one_adapter": one_adapter, "peft_one_adapter": peft_single,
+          "peft_adapter_names": peft_mixed, "peft_per_adapter_loop": per_adapter}.items()}
+    return {"seconds": t, "mixed_vs_one_adapter_throughput": t["strata_one_adapter"] / t["strata_mixed"],
+            "per_adapter_loop_over_mixed": t["peft_per_adapter_loop"] / t["strata_mixed"],
+            "peft_adapter_names_over_mixed": t["peft_adapter_names"] / t["strata_mixed"],
+            "peft_mixed_vs_one_adapter_throughput": t["peft_one_adapter"] / t["peft_adapter_names"]}
+
+
+def switches(host: AdapterHost, n: int) -> dict:
+    """Latency of 1-token requests alternating between two adapters, against one adapter throughout."""
+    row = generate_task("colour", 0, n_train=0, n_val=0, n_test=1).to_pylist()[0]
+    a, b = [str(r) for r in host.production()[:2]]
+
+    def latencies(models: list[str]) -> list[float]:
+        out = []
+        for m in models:
+            start = time.perf_counter()
+            host.complete([Request(m, row["prompt"], row["image"], max_tokens=1)])
+            out.append(time.perf_counter() - start)
+        return out
+
+    latencies([a, b] * 5)  # warm: both resident, stacks built
+    same = np.array(latencies([a] * n)) * 1e3
+    alternating = np.array(latencies([a, b] * (n // 2))) * 1e3
+    names = list(host.resident)
+    set_adapter = np.array([timed(lambda name=name: host.model.set_adapter(name), 1)[0]
+                            for name in names * (n // len(names))]) * 1e3
+    pct = lambda x, q: float(np.percentile(x, q))
+    return {"requests": n, "same_p50_ms": pct(same, 50), "same_p99_ms": pct(same, 99),
+            "alternating_p50_ms": pct(alternating, 50), "alternating_p99_ms": pct(alternating, 99),
+            "switch_cost_p50_ms": pct(alternating, 50) - pct(same, 50),
+            "switch_cost_p99_ms": pct(alternating, 99) - pct(same, 99),
+            "peft_set_adapter_p50_ms": pct(set_adapter, 50), "peft_set_adapter_p99_ms": pct(set_adapter, 99)}
+
+
+def cold_load(spec: BackboneSpec, reg: Registry, repeats: int) -> dict:
+    """`AdapterHost.load` of a non-resident adapter, then its first 1-token request."""
+    host = AdapterHost(reg.uri, spec, capacity=1)
+    refs = host.production()
+    host.load(refs[0])
+    row = generate_task("colour", 0, n_train=0, n_val=0, n_test=1).to_pylist()[0]
+    loads, firsts = [], []
+    for i in range(repeats):
+        ref = refs[1 + i % (len(refs) - 1)]
+        start = time.perf_counter()
+        host.load(ref)
+        loads.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        host.complete([Request(str(ref), row["prompt"], row["image"], max_tokens=1)])
+        firsts.append(time.perf_counter() - start)
+    return {"load_p50_ms": 1e3 * statistics.median(loads), "first_request_p50_ms": 1e3 * statistics.median(firsts)}
+
+
+def http(spec: BackboneSpec, reg: Registry, requests: int, console: Console) -> dict:
+    """Requests/s through the Serve app on loopback: 1 adapter, 16 uniform, 16 skewed."""
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(ROOT))  # serve_apps/ sits at the repository root
+    from serve_apps.openai_app import app
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app({"registry": reg.uri, "backbone": spec.source, "capacity": ADAPTERS, "max_batch_size": 32,
+                   "batch_wait_s": 0.01}), name="strata", route_prefix="/")
+    row = generate_task("colour", 0, n_train=0, n_val=0, n_test=1).to_pylist()[0]
+    url = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
+    ids = [f"bench/a{i:02d}" for i in range(ADAPTERS)]
+    rng = np.random.default_rng(0)
+    zipf = 1 / np.arange(1, ADAPTERS + 1) ** 1.2
+    mixes = {"1 adapter": [ids[0]] * requests, "16 adapters, uniform": [ids[i % ADAPTERS] for i in range(requests)],
+             "16 adapters, skewed": list(rng.choice(ids, size=requests, p=zipf / zipf.sum()))}
+
+    def one(model: str) -> None:
+        body = {"model": model, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": row["prompt"]}, {"type": "image_url", "image_url": {"url": url}}]}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as reply:
+            reply.read()
+
+    out = {}
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(one, ids * 2))  # warm: every adapter resident
+            for label, models in mixes.items():
+                start = time.perf_counter()
+                list(pool.map(one, models))
+                out[label] = requests / (time.perf_counter() - start)
+                console.log(f"http {label}: {out[label]:.1f} requests/s")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return {"requests_per_s": out, "uniform_vs_one": out["16 adapters, uniform"] / out["1 adapter"],
+            "skewed_vs_one": out["16 adapters, skewed"] / out["1 adapter"]}
+
+
+def report(results: dict, console: Console, out: Path) -> None:
+    """Tables in the terminal, JSON and a plot on disk."""
+    f = results["forward"]
+    t = Table(title="one 32-row batch over 16 adapters (median ms)")
+    for col in ("path", "ms", "vs Strata mixed"):
+        t.add_column(col, justify="right" if col != "path" else "left")
+    for k, v in f["seconds"].items():
+        t.add_row(k, f"{1e3 * v:.1f}", f"{v / f['seconds']['strata_mixed']:.2f}x")
+    console.print(t)
+    s, c = results["switch"], results["cold_load"]
+    console.print(f"switch: +{s['switch_cost_p50_ms']:.2f} ms p50, +{s['switch_cost_p99_ms']:.2f} ms p99 over "
+                  f"{s['requests']} requests (PEFT set_adapter alone: {s['peft_set_adapter_p50_ms']:.2f} ms p50); "
+                  f"cold load {c['load_p50_ms']:.0f} ms, then first request {c['first_request_p50_ms']:.0f} ms")
+    if "http" in results:
+        h = results["http"]
+        t = Table(title="HTTP on loopback, 32 concurrent clients")
+        t.add_column("traffic")
+        t.add_column("requests/s", justify="right")
+        t.add_column("vs 1 adapter", justify="right")
+        for k, v in h["requests_per_s"].items():
+            t.add_row(k, f"{v:.1f}", f"{v / h['requests_per_s']['1 adapter']:.2f}x")
+        console.print(t)
+    write_text(out, json.dumps(results, indent=1))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.barh(list(f["seconds"]), [1e3 * v for v in f["seconds"].values()])
+    ax.set_xlabel("ms per 32-row batch (median)")
+    ax.set_title("16 adapters in one batch")
+    fig.tight_layout()
+    save_figure(fig, out.with_suffix(".png"))
+    plt.close(fig)
+    console.print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every part and write the results."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the test backbone and fewer repeats")
+    p.add_argument("--switches", type=int, default=1000)
+    p.add_argument("--no-http", action="store_true", help="skip the Serve part")
+    p.add_argument("--out", type=Path, default=RESULTS / "serve.json")
+    args = p.parse_args(argv)
+    console = Console()
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory(prefix="strata-serve-") as tmp:
+        spec, reg = build(Path(tmp), args.quick, console)
+        host = AdapterHost(reg.uri, spec, capacity=ADAPTERS)
+        repeats = 3 if args.quick else 10
+        results = {"meta": {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+                            "backbone": "builtin:test" if args.quick else "width 512 (built from config)"},
+                   "forward": forwards(host, repeats)}
+        console.log("forward done")
+        results["switch"] = switches(host, 100 if args.quick else args.switches)
+        results["cold_load"] = cold_load(spec, reg, repeats)
+        del host
+        if not args.no_http:
+            results["http"] = http(spec, reg, 64 if args.quick else 256, console)
+    report(results, console, args.out)
+
+
+if __name__ == "__main__":
+    main()
