@@ -7,7 +7,7 @@
 registry version (so a promotion or a rollback is served on the next request) and forwards it as
 the `multiplexed_model_id`. `AdapterServer` holds one frozen backbone per replica; Serve's
 multiplexer keeps the replica's adapter LRU and routes each id to a replica that holds it, and
-`serve.batch` gathers concurrent requests, for any mix of adapters, into one batched generation.
+a micro-batcher gathers concurrent requests, for any mix of adapters, into one batched generation.
 """
 
 
@@ -26,6 +26,7 @@ from ray.util import metrics
 
 from strata.config import BackboneSpec
 from strata.registry import Registry, RegistryError
+from strata.serving.batcher import MicroBatcher
 from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, resolve_id
 from strata.serving.openai import ApiError, Limits, completion_body, parse_chat, stream_chunks
 
@@ -73,7 +74,8 @@ class Resident:
             self.host.unload(self.name)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
+# Serve's default of 5 requests in flight per replica would cap every micro-batch at 5.
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class AdapterServer:
     """One frozen backbone and its resident adapters; micro-batches requests of any adapters."""
 
@@ -88,8 +90,8 @@ class AdapterServer:
             return await self._load(model_id)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.capacity)(load)
-        self.batched.set_max_batch_size(self.cfg.max_batch_size)
-        self.batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
+        # Not `serve.batch`: it splits a batch by multiplexed model id, and mixing adapters is the point.
+        self.batcher = MicroBatcher(self.host.complete, self.cfg.max_batch_size, self.cfg.batch_wait_s)
         self.requests = metrics.Counter("strata_adapter_requests", "Completions per adapter version.",
                                         tag_keys=("adapter",))
         self.latency = metrics.Histogram("strata_adapter_latency_s", "Completion latency per adapter version.",
@@ -113,31 +115,22 @@ class AdapterServer:
         """Answer one request (batched with whatever else arrives within the wait)."""
         started = time.perf_counter()
         await self.get_model(serve.get_multiplexed_model_id())
-        completion = await self.batched(request)
+        completion = await self.batcher.submit(request)
         self.requests.inc(tags={"adapter": completion.model})
         self.latency.observe(time.perf_counter() - started, tags={"adapter": completion.model})
         return completion
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def batched(self, requests: list[Request]) -> list[Completion]:
-        """One generation pass for a micro-batch of requests.
-
-        It runs on the replica's event loop on purpose: loads and evictions run there too, so the
-        model never changes under a generation. Requests arriving meanwhile queue for the next batch.
-        """
-        return self.host.complete(requests)
 
     def stats(self) -> dict:
         """This replica's counters: requests, loads and evictions per adapter version."""
         s = self.host.stats
         return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
-                "resident": [str(r) for r in self.host.resident.values()]}
+                "resident": [str(r) for r in self.host.resident.values()], "batch_sizes": self.batcher.sizes[-100:]}
 
 
 api = FastAPI(title="Strata")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
     """The OpenAI chat-completions API over the adapter servers."""

@@ -147,3 +147,5 @@ def test_concurrent_requests_for_different_adapters_match_one_by_one(served, row
     assert key[4][0] == "default/colour@v1"  # `auto` routed a colour question to the colour adapter
     with urllib.request.urlopen(f"{url}/ready", timeout=30) as ready:
         assert json.loads(ready.read())["status"] == "ready"
+    with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as reply:
+        assert max(json.loads(reply.read())["batch_sizes"]) >= 3  # requests for different adapters shared a batch

@@ -1,0 +1,66 @@
+"""A micro-batcher that groups concurrent requests, whatever adapter each names, into one call.
+
+Ray Serve's `serve.batch` splits a batch by multiplexed model id, so requests for different
+adapters would never share a forward. This one keeps them together: the first request of a batch
+waits at most `wait_s` for company, and a batch holds at most `max_batch_size` requests. It runs
+on the replica's event loop, so nothing else touches the model while a batch generates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    """`await submit(item)` returns `run([... item ...])`'s answer for that item."""
+
+    def __init__(self, run: Callable[[list[T]], list[R]], max_batch_size: int = 16, wait_s: float = 0.005) -> None:
+        if max_batch_size < 1 or wait_s < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {max_batch_size} and {wait_s}")
+        self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.queue: list[tuple[T, asyncio.Future]] = []
+        self.worker: asyncio.Task | None = None
+        self.sizes: list[int] = []  # every batch's size, for tests and metrics
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its answer."""
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((item, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.queue:
+            if len(self.queue) < self.max_batch_size:
+                await asyncio.sleep(self.wait_s)  # let concurrent requests join
+            batch, self.queue = self.queue[: self.max_batch_size], self.queue[self.max_batch_size :]
+            self.sizes.append(len(batch))
+            self._answer(batch)
+            await asyncio.sleep(0)  # let the answered requests resume before the next batch
+
+    def _answer(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        try:
+            results = self.run([item for item, _ in batch])
+        except Exception:  # noqa: BLE001 - retried one by one below, so one bad item fails alone
+            if len(batch) == 1:
+                raise_into(batch[0][1])
+                return
+            for one in batch:
+                self._answer([one])
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
+
+
+def raise_into(future: asyncio.Future) -> None:
+    """Hand the exception being handled to the waiting request."""
+    if not future.done():
+        future.set_exception(sys.exc_info()[1])

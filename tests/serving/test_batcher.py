@@ -1,0 +1,52 @@
+"""The micro-batcher: concurrent requests share one call, within a bounded wait, and a bad one fails alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from strata.serving.batcher import MicroBatcher
+
+
+def test_concurrent_items_for_different_adapters_share_one_call() -> None:
+    calls: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(items)
+        return [f"{i}!" for i in items]
+
+    async def main() -> list[str]:
+        batcher = MicroBatcher(run, max_batch_size=4, wait_s=0.05)
+        return await asyncio.gather(*(batcher.submit(f"adapter{i}") for i in range(6)))
+
+    assert asyncio.run(main()) == [f"adapter{i}!" for i in range(6)]
+    assert calls == [["adapter0", "adapter1", "adapter2", "adapter3"], ["adapter4", "adapter5"]]
+
+
+def test_a_failing_item_fails_alone_and_the_batcher_keeps_serving() -> None:
+    def run(items: list[int]) -> list[int]:
+        if 13 in items:
+            raise ValueError("unlucky")
+        return [i * 2 for i in items]
+
+    async def main():
+        batcher = MicroBatcher(run, max_batch_size=8, wait_s=0.01)
+        first = await asyncio.gather(*(batcher.submit(i) for i in (1, 13, 3)), return_exceptions=True)
+        return first, await batcher.submit(5)
+
+    first, after = asyncio.run(main())
+    assert first[0] == 2 and first[2] == 6 and isinstance(first[1], ValueError) and after == 10
+
+
+def test_a_lone_request_waits_no_longer_than_the_bound() -> None:
+    async def main() -> float:
+        batcher = MicroBatcher(lambda items: items, max_batch_size=64, wait_s=0.02)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await batcher.submit("x")
+        return loop.time() - start
+
+    assert asyncio.run(main()) < 0.5
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        MicroBatcher(lambda items: items, max_batch_size=0)
