@@ -7,8 +7,9 @@ All on one backbone built from config (width 512, untrained: speed does not depe
 with 16 LoRA adapters (rank 8, vision tower + projector + LM), side by side in one run:
   forward     one batch of 32 rows spread over 16 adapters: Strata's gathered mixed LoRA, PEFT's
               `adapter_names` path, and one PEFT forward per adapter; against a 1-adapter batch.
-  switch      in-process `AdapterHost`: a 1-token request alternating between two resident
-              adapters against the same adapter every time (p50/p99 over `--switches` requests);
+  switch      in-process `AdapterHost`: 1-token requests alternating between two resident
+              adapters against the same adapter every time, in interleaved blocks of 10 (p50/p99
+              over `--switches` requests each);
               PEFT's `set_adapter` timed alone for reference.
   cold load   `AdapterHost.load` of an adapter that is not resident (registry fetch, hash check,
               PEFT attach).
@@ -129,9 +130,13 @@ def forwards(host: AdapterHost, repeats: int) -> dict:
             model.set_adapter(name)
             model(**{k: v[idx] for k, v in batch.items()})
 
-    t = {k: statistics.median(timed(f, repeats)) for k, f in
-         {"strata_mixed": ours, "strata_one_adapter": one_adapter, "peft_one_adapter": peft_single,
-          "peft_adapter_names": peft_mixed, "peft_per_adapter_loop": per_adapter}.items()}
+    paths = {"strata_mixed": ours, "strata_one_adapter": one_adapter, "peft_one_adapter": peft_single,
+             "peft_adapter_names": peft_mixed, "peft_per_adapter_loop": per_adapter}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):  # round-robin, so drift on a busy machine hits every path alike
+        for k, f in paths.items():
+            times[k] += timed(f, 1)
+    t = {k: statistics.median(v) for k, v in times.items()}
     return {"seconds": t, "mixed_vs_one_adapter_throughput": t["strata_one_adapter"] / t["strata_mixed"],
             "per_adapter_loop_over_mixed": t["peft_per_adapter_loop"] / t["strata_mixed"],
             "peft_adapter_names_over_mixed": t["peft_adapter_names"] / t["strata_mixed"],
@@ -152,8 +157,11 @@ def switches(host: AdapterHost, n: int) -> dict:
         return out
 
     latencies([a, b] * 5)  # warm: both resident, stacks built
-    same = np.array(latencies([a] * n)) * 1e3
-    alternating = np.array(latencies([a, b] * (n // 2))) * 1e3
+    same, alternating = [], []
+    for _ in range(n // 20):  # interleaved blocks, so drift hits both alike
+        same += latencies([a] * 10)
+        alternating += latencies([a, b] * 5)
+    same, alternating = np.array(same) * 1e3, np.array(alternating) * 1e3
     names = list(host.resident)
     set_adapter = np.array([timed(lambda name=name: host.model.set_adapter(name), 1)[0]
                             for name in names * (n // len(names))]) * 1e3

@@ -43,6 +43,7 @@ class ServeConfig:
     max_batch_size: int = 16
     batch_wait_s: float = 0.005  # how long the micro-batcher waits for more requests
     token: str | None = None  # bearer token; None: $STRATA_SERVE_TOKEN, and no auth when that is unset
+    replicas: int | None = None  # fixed AdapterServer replicas; None: the deployment config (autoscaling)
     limits: Limits = field(default_factory=Limits)
 
     @staticmethod
@@ -81,9 +82,16 @@ class AdapterServer:
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = ServeConfig.from_args(cfg)
+        self.requests = metrics.Counter("strata_adapter_requests", "Completions per adapter version.",
+                                        tag_keys=("adapter",))
+        self.latency = metrics.Histogram("strata_adapter_latency_s", "Completion latency per adapter version.",
+                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=("adapter",))
+        self.loads = metrics.Counter("strata_adapter_loads", "Adapter loads per version.", tag_keys=("adapter",))
+        self.evictions = metrics.Counter("strata_adapter_evictions", "Adapter evictions per version.",
+                                         tag_keys=("adapter",))
         # Serve's LRU decides what stays; the host's own bound only guards `auto` rows loaded outside it.
         self.host = AdapterHost(self.cfg.registry, BackboneSpec(self.cfg.backbone), self.cfg.capacity + 4,
-                                self.cfg.default_stream)
+                                self.cfg.default_stream, on_event=self._count)
         self.host.preload(list(self.cfg.preload))
 
         async def load(model_id: str) -> Resident | None:  # a plain function: Serve keeps its LRU on it
@@ -92,24 +100,15 @@ class AdapterServer:
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.capacity)(load)
         # Not `serve.batch`: it splits a batch by multiplexed model id, and mixing adapters is the point.
         self.batcher = MicroBatcher(self.host.complete, self.cfg.max_batch_size, self.cfg.batch_wait_s)
-        self.requests = metrics.Counter("strata_adapter_requests", "Completions per adapter version.",
-                                        tag_keys=("adapter",))
-        self.latency = metrics.Histogram("strata_adapter_latency_s", "Completion latency per adapter version.",
-                                         boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10], tag_keys=("adapter",))
-        self.loads = metrics.Counter("strata_adapter_loads", "Adapter loads per version.", tag_keys=("adapter",))
-        self.evictions = metrics.Counter("strata_adapter_evictions", "Adapter evictions per version.",
-                                         tag_keys=("adapter",))
 
     async def _load(self, model_id: str) -> Resident | None:
         ref = self.host.resolve(model_id)
         if isinstance(ref, str):
             return None  # `<stream>/auto`: its rows load their routed adapters in the batch
-        before = sum(self.host.stats.evictions.values())
-        name = self.host.load(ref)
-        self.loads.inc(tags={"adapter": str(ref)})
-        if sum(self.host.stats.evictions.values()) > before:
-            self.evictions.inc(tags={"adapter": "host-lru"})
-        return Resident(self.host, name)
+        return Resident(self.host, self.host.load(ref))
+
+    def _count(self, event: str, adapter: str) -> None:
+        (self.loads if event == "load" else self.evictions).inc(tags={"adapter": adapter})
 
     async def complete(self, request: Request) -> Completion:
         """Answer one request (batched with whatever else arrives within the wait)."""
@@ -168,6 +167,9 @@ class Ingress:
             return JSONResponse(ApiError(404, str(e), "not_found_error", "model").body(), status_code=404)
         except (RegistryError, ValueError) as e:
             return JSONResponse(ApiError(400, str(e), param="model").body(), status_code=400)
+        except Exception as e:  # noqa: BLE001 - a replica died or failed: the client may retry elsewhere
+            return JSONResponse(ApiError(503, f"the adapter server failed ({type(e).__name__}); retry the request",
+                                         "server_error").body(), status_code=503)
         if stream:
             return StreamingResponse(self._events(completion), media_type="text/event-stream")
         return JSONResponse(completion_body(completion))
@@ -227,5 +229,7 @@ def load_config(path: str) -> tuple[dict, dict]:
 
 def app(args: dict):
     """The application builder `serve deploy` and `strata serve` call with the config's args."""
-    cfg = asdict(ServeConfig.from_args(args))
-    return Ingress.bind(AdapterServer.bind(cfg), cfg)
+    parsed = ServeConfig.from_args(args)
+    cfg = asdict(parsed)
+    server = AdapterServer.options(num_replicas=parsed.replicas) if parsed.replicas else AdapterServer
+    return Ingress.bind(server.bind(cfg), cfg)

@@ -69,3 +69,14 @@ def test_unknown_and_invalid_ids_are_refused(registry, rows, test_spec):
             host.complete([request(row, bad)])
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         AdapterHost(registry.uri, test_spec, capacity=0)
+
+
+def test_sampling_rows_and_greedy_rows_share_a_call(registry, rows, test_spec):
+    host = AdapterHost(registry.uri, test_spec)
+    row = rows["colour"][0]
+    greedy = request(row, "default/colour", max_tokens=5)
+    sampled = Request("default/colour", row["prompt"], row["image"], max_tokens=5, temperature=1.5)
+    torch.manual_seed(0)
+    out = host.complete([sampled, greedy, sampled])
+    assert out[1].tokens == host.complete([greedy])[0].tokens  # greedy rows are not disturbed by sampled ones
+    assert all(len(c.tokens) <= 5 and c.finish_reason in ("stop", "length") for c in out)

@@ -8,6 +8,8 @@ import json
 import os
 import socket
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -44,11 +46,11 @@ def served(test_spec, backbone_dir, tmp_path_factory):
         port = s.getsockname()[1]
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app({"registry": registry.uri, "backbone": str(backbone_dir), "capacity": 2, "token": TOKEN,
-                   "batch_wait_s": 0.05, "preload": ["default/seqlora"],
-                   "limits": {"max_body_bytes": 1_000_000, "max_image_bytes": 200_000, "max_pixels": 512 * 512}}),
-              name="strata", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", registry
+    args = {"registry": registry.uri, "backbone": str(backbone_dir), "capacity": 2, "token": TOKEN,
+            "batch_wait_s": 0.05, "preload": ["default/seqlora"],
+            "limits": {"max_body_bytes": 1_000_000, "max_image_bytes": 200_000, "max_pixels": 512 * 512}}
+    serve.run(app(args), name="strata", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", registry, args
     serve.shutdown()
     ray.shutdown()
 
@@ -81,7 +83,7 @@ def png(width: int, height: int) -> bytes:
 
 
 def test_every_bad_request_gets_a_clear_json_error_and_the_replica_stays_up(served, rows):
-    url, _ = served
+    url, *_ = served
     row = rows[0]
     cases = [
         (chat("default/seqlora", row), None, 401, "missing or wrong bearer token"),
@@ -104,13 +106,15 @@ def test_every_bad_request_gets_a_clear_json_error_and_the_replica_stays_up(serv
     assert code == 400 and "not JSON" in reply["error"]["message"]
     code, reply = post(url, chat("default/seqlora", row))  # after all that, the replica still answers
     assert code == 200 and reply["model"] == "default/seqlora@v1"
+    with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as stats:
+        assert "default/seqlora@v1" in json.loads(stats.read())["loads"]  # preloaded at start
 
 
 def test_the_openai_client_gets_offline_answers_streams_and_follows_promotion(served, rows, test_spec, backbone_dir,
                                                                                 tmp_path):
     from openai import OpenAI
 
-    url, registry = served
+    url, registry, _ = served
     client = OpenAI(base_url=f"{url}/v1", api_key=TOKEN)
     row = rows[1]
     messages = chat("x", row)["messages"]
@@ -136,7 +140,7 @@ def test_the_openai_client_gets_offline_answers_streams_and_follows_promotion(se
 
 
 def test_concurrent_requests_for_different_adapters_match_one_by_one(served, rows):
-    url, _ = served
+    url, *_ = served
     models = ["default/seqlora", "default/seqlora@v2", "default/colour", "default/shape", "default/auto"] * 2
     bodies = [chat(m, rows[i % len(rows)]) for i, m in enumerate(models)]
     alone = [post(url, b)[1] for b in bodies]
@@ -149,3 +153,37 @@ def test_concurrent_requests_for_different_adapters_match_one_by_one(served, row
         assert json.loads(ready.read())["status"] == "ready"
     with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as reply:
         assert max(json.loads(reply.read())["batch_sizes"]) >= 3  # requests for different adapters shared a batch
+
+
+def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answers(served, rows):
+    import ray
+    from ray import serve
+    from serve_apps.openai_app import app
+
+    url, _, args = served
+    serve.run(app({**args, "replicas": 2}), name="strata", route_prefix="/")  # redeployed in place
+    models = ["default/seqlora@v1", "default/seqlora@v2", "default/colour@v1"]
+    want = {m: post(url, chat(m, rows[0]))[1]["choices"][0]["message"]["content"] for m in models}
+    results: list[tuple[str, int, dict]] = []
+
+    def client() -> None:
+        for i in range(90):
+            m = models[i % len(models)]
+            for _ in range(5):  # a client's retries
+                code, reply = post(url, chat(m, rows[0]))
+                if code == 200:
+                    break
+                time.sleep(0.5)
+            results.append((m, code, reply))
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    while len(results) < 15:
+        time.sleep(0.05)
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "AdapterServer" in a["name"]]
+    assert len(replicas) == 2, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    worker.join(timeout=300)
+    ok = [(m, reply) for m, code, reply in results if code == 200]
+    assert len(ok) >= 0.99 * len(results) and len(results) == 90
+    assert all(reply["model"] == m and reply["choices"][0]["message"]["content"] == want[m] for m, reply in ok)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +84,7 @@ class AdapterHost:
     """Serve many registry adapters from one backbone, `capacity` of them resident at a time."""
 
     def __init__(self, registry: str, backbone: BackboneSpec, capacity: int = 8,
-                 default_stream: str = "default") -> None:
+                 default_stream: str = "default", on_event: Callable[[str, str], None] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.registry = Registry(registry)
@@ -95,6 +96,7 @@ class AdapterHost:
         self.mixed: MixedLoRA | None = None
         self.routers: dict[tuple, PrototypeRouter] = {}
         self.stats = Stats()
+        self.on_event = on_event or (lambda event, adapter: None)  # ("load" | "evict", adapter id): metrics
 
     # ---- naming -------------------------------------------------------------------------------
     def resolve(self, model_id: str) -> Ref | str:
@@ -122,6 +124,7 @@ class AdapterHost:
             self.model = load_adapter(self.model, self.registry.fetch(ref, Path(tmp)), name)
         self.resident[name] = ref
         self.stats.loads[str(ref)] += 1
+        self.on_event("load", str(ref))
         self.stats.load_seconds += time.perf_counter() - started
         while len(self.resident) > self.capacity:
             self.unload(next(iter(self.resident)))
@@ -137,6 +140,7 @@ class AdapterHost:
         self.model.set_adapter(next(iter(self.resident)))  # PEFT refuses to delete the active adapter
         self.model.delete_adapter(name)
         self.stats.evictions[str(ref)] += 1
+        self.on_event("evict", str(ref))
 
     def preload(self, model_ids: list[str]) -> None:
         """Load adapters at start (serving ids), most important last so they stay resident."""
