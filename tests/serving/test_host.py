@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from lora_helper import offline, served_registry
 
 from strata.data.benchmark import generate_task
