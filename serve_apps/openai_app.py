@@ -123,7 +123,8 @@ class AdapterServer:
         """This replica's counters: requests, loads and evictions per adapter version."""
         s = self.host.stats
         return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
-                "resident": [str(r) for r in self.host.resident.values()], "batch_sizes": self.batcher.sizes[-100:]}
+                "load_seconds": s.load_seconds, "resident": [str(r) for r in self.host.resident.values()],
+                "batch_sizes": list(self.batcher.sizes)[-100:]}
 
 
 api = FastAPI(title="Strata")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -26,7 +27,7 @@ class MicroBatcher(Generic[T, R]):
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
         self.queue: list[tuple[T, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
-        self.sizes: list[int] = []  # every batch's size, for tests and metrics
+        self.sizes: deque[int] = deque(maxlen=1000)  # the latest batches' sizes, for stats and tests
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its answer."""
