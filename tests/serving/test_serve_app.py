@@ -167,7 +167,7 @@ def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answe
     results: list[tuple[str, int, dict]] = []
 
     def client() -> None:
-        for i in range(90):
+        for i in range(60):
             m = models[i % len(models)]
             for _ in range(5):  # a client's retries
                 code, reply = post(url, chat(m, rows[0]))
@@ -178,12 +178,12 @@ def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answe
 
     worker = threading.Thread(target=client)
     worker.start()
-    while len(results) < 15:
+    while len(results) < 10:
         time.sleep(0.05)
     replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "AdapterServer" in a["name"]]
     assert len(replicas) == 2, replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     worker.join(timeout=300)
     ok = [(m, reply) for m, code, reply in results if code == 200]
-    assert len(ok) >= 0.99 * len(results) and len(results) == 90
+    assert len(ok) >= 0.99 * len(results) and len(results) == 60
     assert all(reply["model"] == m and reply["choices"][0]["message"]["content"] == want[m] for m, reply in ok)
