@@ -2,7 +2,7 @@
 # A multi-node Ray cluster on one machine: a head plus N worker nodes, each its own raylet, so
 # the cluster has several nodes. For trying the cluster code paths on one machine.
 #
-#   cluster/start_local.sh 1 1    # head + 1 worker node, 1 CPU each; prints the dashboard address
+#   cluster/start_local.sh 2 1    # head + 2 worker nodes, 1 CPU each; prints the dashboard address
 #   ray stop --force              # tears all of them down
 #
 # Token auth (Ray's default) needs a token before `ray start`; job submission needs RAY_AUTH_MODE.
@@ -17,8 +17,11 @@ DASHBOARD="${RAY_DASHBOARD_PORT:-8265}"
 ray get-auth-token --generate >/dev/null
 ray start --head --port="$PORT" --num-cpus="$CPUS" --dashboard-host=127.0.0.1 \
     --dashboard-port="$DASHBOARD" --include-dashboard=true --disable-usage-stats >/dev/null
-for _ in $(seq "$NODES"); do
-    ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --disable-usage-stats >/dev/null
+for i in $(seq "$NODES"); do
+    # Each worker node advertises its own custom resource (worker_1, worker_2, ...), so a test or a
+    # job can place work on a chosen node.
+    ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --resources="{\"worker_$i\": 1}" \
+        --disable-usage-stats >/dev/null
 done
 echo "cluster up: head + $NODES worker node(s), $CPUS CPU(s) each; dashboard http://127.0.0.1:$DASHBOARD"
 echo "submit with: RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:$DASHBOARD --working-dir . -- python -m jobs.stream ..."
