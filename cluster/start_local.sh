@@ -6,6 +6,7 @@
 #   ray stop --force              # tears all of them down
 #
 # Token auth (Ray's default) needs a token before `ray start`; job submission needs RAY_AUTH_MODE.
+# RAY_PORT, RAY_DASHBOARD_PORT and RAY_TMPDIR choose the ports and the head's temp dir.
 # Checked here: head + 1 worker node, then `RAY_ADDRESS=auto strata run --workers 2 ...` trained and
 # evaluated a task (one machine, so both raylets share an IP and Ray Train reports node_rank 0).
 set -euo pipefail
@@ -14,13 +15,15 @@ CPUS="${2:-1}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 PORT="${RAY_PORT:-6380}"
 DASHBOARD="${RAY_DASHBOARD_PORT:-8265}"
+TEMP=()
+if [ -n "${RAY_TMPDIR:-}" ]; then TEMP=(--temp-dir="$RAY_TMPDIR"); fi
 ray get-auth-token --generate >/dev/null
-ray start --head --port="$PORT" --num-cpus="$CPUS" --dashboard-host=127.0.0.1 \
+ray start --head --port="$PORT" --num-cpus="$CPUS" "${TEMP[@]}" --dashboard-host=127.0.0.1 \
     --dashboard-port="$DASHBOARD" --include-dashboard=true --disable-usage-stats >/dev/null
 for i in $(seq "$NODES"); do
-    # Each worker node advertises its own custom resource (worker_1, worker_2, ...), so a test or a
-    # job can place work on a chosen node.
-    ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --resources="{\"worker_$i\": 1}" \
+    # Each worker node advertises `worker_node` (train.resources_per_worker: {worker_node: 1} puts
+    # one Train worker per node) and its own `worker_<i>` (to place work on a chosen node).
+    ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --resources="{\"worker_node\": 1, \"worker_$i\": 1}" \
         --disable-usage-stats >/dev/null
 done
 echo "cluster up: head + $NODES worker node(s), $CPUS CPU(s) each; dashboard http://127.0.0.1:$DASHBOARD"

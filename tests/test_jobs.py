@@ -1,4 +1,4 @@
-"""The stream job through `ray job submit` on a real `ray start --head` cluster."""
+"""The jobs through `ray job submit` on a real local multi-node cluster (cluster/start_local.sh)."""
 
 from __future__ import annotations
 
@@ -26,30 +26,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_head(env: dict, tmp: str) -> str:
-    """`ray start --head` on fresh ports; returns the dashboard address or fails with Ray's own output."""
-    # With token auth, `ray start` refuses to run until a token exists; a fresh machine has none.
-    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+def start_cluster(env: dict, tmp: str) -> str:
+    """cluster/start_local.sh: a head and 2 worker nodes on fresh ports; returns the dashboard address."""
     dashboard = free_port()
     proc = subprocess.run(
-        [RAY, "start", "--head", "--num-cpus=2", f"--port={free_port()}", f"--temp-dir={tmp}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120,
+        ["bash", str(REPO / "cluster" / "start_local.sh"), "2", "1"],
+        env={**env, "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dashboard), "RAY_TMPDIR": tmp},
+        capture_output=True, text=True, timeout=180,
     )
     if proc.returncode != 0:
-        pytest.fail(f"ray start --head failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        pytest.fail(f"cluster/start_local.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return f"http://127.0.0.1:{dashboard}"
 
 
 @pytest.fixture(scope="module")
 def head_node():
-    """A one-node cluster with the dashboard (job submission needs it) on loopback."""
-    # The job's `python` must be this venv's, as it is for a user with the venv activated.
+    """A head and 2 worker nodes with the dashboard (job submission needs it) on loopback."""
+    # The job's `python` and `ray` must be this venv's, as they are for a user with the venv activated.
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
-    address = start_head(env, tmp)
+    address = start_cluster(env, tmp)
     yield env, address
     subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,13 +60,19 @@ def submit(env: dict, address: str, args: list[str], job: str = "stream") -> sub
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_stream_job_runs_and_writes_metrics(head_node, backbone_dir, tmp_path):
+def test_stream_job_trains_on_both_worker_nodes_and_writes_metrics(head_node, backbone_dir, tmp_path):
+    from ray.util.state import list_actors
+
     env, address = head_node
     out = tmp_path / "job"
-    proc = submit(env, address, ["--strategy", "seqlora", "--tasks", "2", "--steps", "20",
+    config = tmp_path / "two-nodes.yaml"  # one Train worker per worker node
+    config.write_text("train: {num_workers: 2, cpus_per_worker: 1, resources_per_worker: {worker_node: 1}}\n")
+    proc = submit(env, address, ["--strategy", "seqlora", "--tasks", "2", "--steps", "20", "--config", str(config),
                                  "--test-rows", "40", "--backbone", str(backbone_dir), "--out", str(out)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+    assert len({w.node_id for w in workers}) == 2, [(w.node_id, w.state) for w in workers]
     metrics = json.loads((out / "seqlora" / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 2
     # The job went through the registry and the gate: task 1 is served, task 2 was judged.

@@ -58,25 +58,6 @@ def test_run_writes_metrics_plot_predictions_manifest(results):
         assert manifest["versions"]["torch"].startswith("2.")
 
 
-def test_two_workers_train_with_ddp_over_gloo(ray_cluster, backbone_dir, tmp_path):
-    """N > 1 workers: DDP over gloo trains the same adapter and installs one checkpoint."""
-    from strata.data.benchmark import generate_task
-    from strata.data.schema import write_table
-    from strata.strategies.base import TaskContext
-    from strata.strategies.seqlora import SeqLoRA
-    from strata.train.driver import TaskJob, fit_task
-
-    rows = generate_task("colour", 0, n_train=32, n_val=2, n_test=2)
-    write_table(rows, tmp_path / "rows.parquet")
-    ctx = TaskContext(0, "colour", (), {}, str(tmp_path / "state"))
-    job = TaskJob(SeqLoRA(), ctx, str(tmp_path / "rows.parquet"),
-                  TrainConfig(steps=4, batch_size=8, num_workers=2, cpus_per_worker=1),
-                  BackboneSpec(str(backbone_dir)), str(backbone_dir))
-    metrics = fit_task(job, str(tmp_path / "ray"), "ddp")
-    assert metrics["step"] == 4
-    assert (ctx.adapters_dir / "shared" / "adapter_model.safetensors").exists()
-
-
 def test_seed_methods_run_through_the_same_pipeline_on_ray(ray_cluster, backbone_dir, tmp_path):
     """EWC, LwF, DGG, MoDE and CMA through the one pipeline and Ray Train loop, no special cases."""
     from strata.config import CMAConfig, MoDEConfig
