@@ -199,7 +199,8 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
     enc = {t: encode_table(processor, vals[t], with_answers=False) for t in [*ctx.seen, ctx.name]}
     val = {t: r.accuracy for t, r in evaluate_all(model, processor, s.strategy, ctx, enc, bs).items()}
     served_on_new = evaluate_all(anchor, processor, s.strategy, served_ctx, {ctx.name: enc[ctx.name]}, bs)
-    before = s.promoted()[-1].get("val_accuracy", {}) if ctx.seen else {}
+    promoted = s.promoted()
+    before = promoted[-1].get("val_accuracy", {}) if ctx.seen else {}
     table = anchor_table(Path(cfg.anchor), cfg.anchor_rows) if cfg.anchor else anchor_rows(vals, list(ctx.seen), cfg.anchor_rows)
     kl = None
     if table is not None:
@@ -207,7 +208,7 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
         pad = processor.tokenizer.pad_token_id
         kl = mean_kl(answer_log_probs(anchor, rows, routes(s.strategy, served_ctx, anchor, processor, rows, None), pad),
                      answer_log_probs(model, rows, routes(s.strategy, ctx, model, processor, rows, None), pad))
-    drifts = [e["gate"]["kl"] for e in s.promoted() if e.get("gate", {}).get("kl") is not None]
+    drifts = [e["gate"]["kl"] for e in promoted if e.get("gate", {}).get("kl") is not None]
     verdict = decide(cfg, ctx.name, val, {t: before[t] for t in ctx.seen if t in before},
                      served_on_new[ctx.name].accuracy, kl, kl_threshold(cfg, drifts))
     return verdict, val

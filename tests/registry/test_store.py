@@ -163,3 +163,8 @@ def test_stages_gc_and_bad_names(backbone, info, tmp_path):
         reg.card(Ref("../etc", "seqlora", 1))
     with pytest.raises(RegistryError, match="unknown stage 'live'"):
         reg.set_stage(rejected, "live", "typo")
+    with pytest.raises(RegistryError, match="keep must be >= 0"):
+        reg.gc("s1", "seqlora", keep=-1)
+    reg.promote(push(reg, src, info, 1, adapter="fresh"))
+    with pytest.raises(RegistryError, match="fresh has no earlier production version"):
+        reg.rollback("s1", "fresh")

@@ -150,6 +150,10 @@ class Registry:
         found = [int(m.group(1)) for i in self._list(where) if (m := VERSION_RE.fullmatch(i.base_name))]
         return sorted(v for v in found if exists(self.fs, f"{where}/v{v}/{MANIFEST}"))
 
+    def committed(self, ref: Ref) -> bool:
+        """Whether `ref` is a committed version (its manifest exists)."""
+        return exists(self.fs, f"{self._dir(ref)}/{MANIFEST}")
+
     def card(self, ref: Ref) -> dict:
         """The card of a committed version, with its stage as served now."""
         self._committed(ref)
@@ -259,7 +263,7 @@ class Registry:
     def _committed(self, ref: Ref) -> str:
         """The directory of a committed version; refuses one without a manifest."""
         where = self._dir(ref)
-        if not exists(self.fs, f"{where}/{MANIFEST}"):
+        if not self.committed(ref):
             known = self.versions(ref.stream, ref.adapter)
             raise RegistryError(f"no committed version {ref} (committed: {', '.join(f'v{v}' for v in known) or 'none'})")
         return where

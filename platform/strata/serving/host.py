@@ -69,13 +69,16 @@ def resolve_id(registry: Registry, model_id: str, default_stream: str) -> Ref | 
     stream, adapter, version = parse_id(model_id, default_stream)
     if adapter == "auto":
         return stream
-    if stream not in registry.streams() or adapter not in registry.adapters(stream):
-        raise UnknownAdapter(f"no adapter {stream}/{adapter} in the registry")
+    # Runs for every request (ingress and replica): one or two object reads, never a directory listing.
     if version is None:
         version = registry.production(stream, adapter)
         if version is None:
+            if not registry.versions(stream, adapter):  # listing only on the error path
+                raise UnknownAdapter(f"no adapter {stream}/{adapter} in the registry")
             raise UnknownAdapter(f"{stream}/{adapter} has no production version")
-    elif version not in registry.versions(stream, adapter):
+    elif not registry.committed(Ref(stream, adapter, version)):
+        if not registry.versions(stream, adapter):
+            raise UnknownAdapter(f"no adapter {stream}/{adapter} in the registry")
         raise UnknownAdapter(f"no version v{version} of {stream}/{adapter}")
     return Ref(stream, adapter, version)
 
