@@ -59,7 +59,8 @@ def test_stream_survives_a_killed_coordinator_and_a_killed_train_worker(ray_with
     #    (it writes its snapshot after registering; the directory alone appears during the upload).
     wait_for(lambda: list(tmp_path.glob("dgg/ray/dgg-01-*/checkpoint_manager_snapshot.json")),
              "a registered checkpoint of task 2")
-    workers = wait_for(lambda: list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
+    address = ray.get_runtime_context().gcs_address  # not auto-detected: other clusters may be live here
+    workers = wait_for(lambda: list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
                        "a live Train worker")
     os.kill(workers[0].pid, signal.SIGKILL)
 

@@ -52,9 +52,10 @@ def test_asha_stops_the_known_bad_trial_and_the_best_config_runs(ray_with_dashbo
     assert best.config["train.lr"] > 0
 
     # The trials were real Ray actors, seen by the state API.
-    # The state API reads the dashboard's aggregator, which can lag behind on a busy machine.
+    # Name this cluster: with no address the state API may pick another live or stale cluster on the machine.
+    address = ray_with_dashboard.get_runtime_context().gcs_address
     deadline = time.monotonic() + 60
-    while len(trials := list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=100)) < 4:
+    while len(trials := list_actors(address=address, filters=[("class_name", "=", "ImplicitFunc")], limit=100)) < 4:
         assert time.monotonic() < deadline, f"the state API shows {len(trials)} trial actors, not 4"
         time.sleep(1)
 
