@@ -10,11 +10,12 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
-from strata.backbone.load import backbone_hashes, fingerprint
+if TYPE_CHECKING:
+    import torch
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -44,6 +45,10 @@ class BackboneInfo:
 
 def backbone_info(source: str, path: Path, model: torch.nn.Module) -> BackboneInfo:
     """A backbone's hashes and its modules' weight shapes (from the bare, unwrapped model)."""
+    import torch  # here, so the registry CLI starts without torch and PEFT
+
+    from strata.backbone.load import backbone_hashes, fingerprint
+
     config, weights = backbone_hashes(path)
     shapes = {name: tuple(m.weight.shape) if isinstance(getattr(m, "weight", None), torch.Tensor) else ()
               for name, m in model.named_modules()}
