@@ -20,12 +20,11 @@ install: $(STAMP)
 # `make run` compares how much each strategy forgets, so the gate reports its verdicts (on every
 # registry card) instead of holding SeqLoRA's forgetting candidates back; `strata arrive` enforces it.
 run: $(STAMP)
-	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --gate report --out $(OUT)
+	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --gate report --out $(OUT) $(ARGS)
 
-# A two-minute variant of `make run` on the small test backbone, for docs and CI.
-smoke: $(STAMP)
-	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --backbone builtin:test \
-		--tasks 3 --steps 40 --test-rows 100 --gate report --out runs/smoke
+# The same job, small (`strata run --smoke-test`: the test backbone, 3 tasks, few steps and rows).
+smoke:
+	$(MAKE) run ARGS=--smoke-test OUT=runs/smoke
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -9,7 +9,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from strata.config import RunConfig, from_dict
+from strata.config import RunConfig, from_dict, smoke_test
 from strata.registry.commands import REGISTRY, registry_app
 from strata.terminal import console, fail
 
@@ -76,6 +76,7 @@ def run(
     executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
     gate: str | None = GATE,
     registry: str | None = typer.Option(None, help="Registry root (default <out>/registry)."),
+    smoke: bool = typer.Option(False, "--smoke-test", help="The same run, small: test backbone, 3 tasks, few steps."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
     from strata.coordinator import TaskBusy
@@ -87,7 +88,7 @@ def run(
             config, strategy, tasks, steps, out, seed, backbone, workers, data, test_rows, executor,
             gate=gate, registry=registry,
         )
-        run_pipeline(cfg, console)
+        run_pipeline(smoke_test(cfg) if smoke else cfg, console)
     except TaskBusy as e:
         fail(str(e))
     except (ValueError, FileNotFoundError) as e:

@@ -348,6 +348,15 @@ class RunConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def smoke_test(cfg: RunConfig) -> RunConfig:
+    """The same run made small enough to check in a few minutes: test backbone, <= 3 tasks, few steps and rows."""
+    return dataclasses.replace(
+        cfg, backbone=dataclasses.replace(cfg.backbone, source="builtin:test"), tasks=min(cfg.tasks, 3),
+        n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 20), n_test=min(cfg.n_test, 120),
+        train=dataclasses.replace(cfg.train, steps=min(cfg.train.steps, 80), lr=max(cfg.train.lr, 3e-3)),
+    )
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Fill a (possibly nested) config dataclass from a mapping; unknown keys are an error."""
     if not isinstance(data, dict):
