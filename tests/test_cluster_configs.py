@@ -93,9 +93,13 @@ def test_the_rayjob_entrypoint_is_a_job_module_and_its_flags_exist() -> None:
 
 @pytest.mark.parametrize("source", ["kuberay/rayservice.yaml", "serve_apps/config.yaml"])
 def test_serve_configs_import_the_app_and_their_args_parse(source: str) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
     path = KUBERAY / "rayservice.yaml" if source.startswith("kuberay") else ROOT / source
     doc = yaml.safe_load(path.read_text())
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
+    # What `serve deploy` (and KubeRay) check first: e.g. a local working_dir is refused there.
+    ServeDeploySchema.model_validate(serve_config)
     (application,) = serve_config["applications"]
     module, attr = application["import_path"].split(":")
     app_module = importlib.import_module(module)
