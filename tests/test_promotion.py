@@ -55,6 +55,22 @@ def test_a_sabotaged_task_fails_the_gate_and_leaves_production_serving(backbone_
     assert reg.production("default", "seqlora") == 3
 
 
+def test_a_rejected_decoupled_task_leaves_the_router_and_its_adapters_as_served(backbone_dir, tmp_path):
+    """Decoupled routes with the served state's router, so the rejection path must read it before restoring it."""
+    data = write_benchmark(tmp_path / "data", 0, ("colour", "shape"), 64, 8, 24)
+    cfg = RunConfig(strategies=("decoupled",), out=str(tmp_path / "stream"), backbone=BackboneSpec(str(backbone_dir)),
+                    adapter=AdapterSpec(visual_rank=2, text_rank=2),
+                    train=TrainConfig(steps=5, batch_size=8, executor="local", checkpoint_every=0))
+    quiet = Console(quiet=True)
+    arrive(cfg, "decoupled", "colour", data["colour"], quiet)
+    unreachable = dataclasses.replace(cfg, gate=GateConfig(min_gain=101))  # no accuracy can pass
+    metrics = arrive(unreachable, "decoupled", "shape", data["shape"], quiet)
+
+    assert metrics["tasks"] == ["colour"] and metrics["versions"] == [1]
+    assert Registry(str(tmp_path / "stream" / "registry")).card(Ref("default", "shape", 1))["stage"] == "rejected"
+    assert [p.name for p in (tmp_path / "stream" / "decoupled" / "state" / "adapters").iterdir()] == ["colour"]
+
+
 @pytest.fixture()
 def registry(backbone, test_spec, backbone_dir, tmp_path) -> Path:
     """A registry with three pushed versions of default/seqlora: v1 and v2 promoted in turn, v3 a candidate."""

@@ -139,8 +139,9 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
         else:
             s.registry.set_stage(ref, "rejected", "failed the gate", reasons=verdict.reasons, gate=verdict.record(),
                                  metrics=metrics)
-            replace_dir(served, s.state_dir)
+            # Before the move: served_ctx points into `served` (Decoupled's router is read from there).
             results = evaluate_all(anchor, processor, s.strategy, served_ctx, tests, s.cfg.eval_batch_size)
+            replace_dir(served, s.state_dir)
             s.coord.commit_task(s.name, task, s.owner, "rejected",
                                 {"reasons": verdict.reasons, "accuracy": {t: r.accuracy for t, r in results.items()}})
     except BaseException as e:
