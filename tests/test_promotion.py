@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from strata import cli
 from strata.config import AdapterSpec, BackboneSpec, GateConfig, RunConfig, TrainConfig
 from strata.data.benchmark import write_benchmark
+from strata.data.llava_import import import_llava
 from strata.open_stream import arrive
 from strata.pipeline import coordinator
 from strata.registry import Ref, Registry, backbone_info
@@ -57,17 +58,23 @@ def test_a_sabotaged_task_fails_the_gate_and_leaves_production_serving(backbone_
 
 def test_a_rejected_decoupled_task_leaves_the_router_and_its_adapters_as_served(backbone_dir, tmp_path):
     """Decoupled routes with the served state's router, so the rejection path must read it before restoring it."""
-    data = write_benchmark(tmp_path / "data", 0, ("colour", "shape"), 64, 8, 24)
+    data = write_benchmark(tmp_path / "data", 0, ("colour",), 64, 8, 24)
+    repo = Path(__file__).resolve().parents[1]
+    import_llava(repo / "examples/llava/conversations.json", repo / "examples/llava/images", tmp_path / "where.parquet",
+                 val_fraction=0.2, test_fraction=0.2)
     cfg = RunConfig(strategies=("decoupled",), out=str(tmp_path / "stream"), backbone=BackboneSpec(str(backbone_dir)),
                     adapter=AdapterSpec(visual_rank=2, text_rank=2),
-                    train=TrainConfig(steps=5, batch_size=8, executor="local", checkpoint_every=0))
+                    train=TrainConfig(steps=15, batch_size=8, lr=3e-3, executor="local", checkpoint_every=0))
     quiet = Console(quiet=True)
     arrive(cfg, "decoupled", "colour", data["colour"], quiet)
     unreachable = dataclasses.replace(cfg, gate=GateConfig(min_gain=101))  # no accuracy can pass
-    metrics = arrive(unreachable, "decoupled", "shape", data["shape"], quiet)
+    metrics = arrive(unreachable, "decoupled", "where", tmp_path / "where.parquet", quiet)
 
     assert metrics["tasks"] == ["colour"] and metrics["versions"] == [1]
-    assert Registry(str(tmp_path / "stream" / "registry")).card(Ref("default", "shape", 1))["stage"] == "rejected"
+    card = Registry(str(tmp_path / "stream" / "registry")).card(Ref("default", "where", 1))
+    assert card["stage"] == "rejected" and len(card["reasons"]) == 1 and "floor" in card["reasons"][0]
+    # colour's adapter is untouched and its rows are routed on their prompts, as serving does: no drift.
+    assert card["gate"]["kl"] < 1e-3, card["gate"]
     assert [p.name for p in (tmp_path / "stream" / "decoupled" / "state" / "adapters").iterdir()] == ["colour"]
 
 
