@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -54,7 +53,11 @@ def start_cluster(env: dict, tmp: str) -> tuple[str, int]:
         env={**env, "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dashboard), "RAY_TMPDIR": tmp},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-    stdout, stderr = proc.communicate(timeout=180)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        stop_cluster(proc.pid)
+        raise
     if proc.returncode != 0:
         stop_cluster(proc.pid)
         pytest.fail(f"cluster/start_local.sh failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
@@ -65,25 +68,21 @@ def stop_cluster(session: int) -> None:
     """Stop every process of the cluster started in `session`, and nothing else."""
     import psutil
 
-    # Not `ray stop`: it stops every Ray on the machine, other test runs' clusters included.
+    # Not `ray stop`: it stops every Ray on the machine, other test runs' clusters included. SIGKILL,
+    # as `ray stop --force` sends: the cluster and its temp dir are thrown away.
     for _ in range(3):  # again, for a worker a raylet started while the others stopped
-        procs = [p for p in psutil.process_iter() if _session(p.pid) == session]
+        procs = [p for p in psutil.process_iter() if session_of(p.pid) == session]
         if not procs:
             return
         for p in procs:
             try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
-        for p in alive:
-            try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        psutil.wait_procs(procs, timeout=10)
 
 
-def _session(pid: int) -> int | None:
+def session_of(pid: int) -> int | None:
     """The session id of a process, or None when it is gone."""
     try:
         return os.getsid(pid)
@@ -99,7 +98,10 @@ def head_node():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": path}
     tmp = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
     address, session = start_cluster(env, tmp)
-    yield env, address
+    with pytest.MonkeyPatch.context() as patch:
+        # This process's state API calls need it too, when no earlier ray.init in the session set it.
+        patch.setenv("RAY_AUTH_MODE", "token")
+        yield env, address
     stop_cluster(session)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -247,17 +249,20 @@ def write_serve_config(path: Path, args: dict, port: int, replicas: int) -> None
     path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def wait_for_replicas(env: dict, address: str, replicas: int, timeout: float = 120) -> None:
-    """Poll `serve status` until the app is RUNNING with `replicas` RUNNING AdapterServer replicas."""
+def wait_for_replicas(address: str, replicas: int, timeout: float = 120) -> None:
+    """Wait until the app is RUNNING with `replicas` RUNNING AdapterServer replicas (what `serve status` reads)."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    # The dashboard's Serve API in this process, not a `serve status` process per poll: on 2 busy
+    # cores each CLI start takes CPU from the replicas starting up.
     deadline = time.monotonic() + timeout
     while True:
-        status = yaml.safe_load(serve_cli(env, "status", f"--address={address}").stdout) or {}
-        app = (status.get("applications") or {}).get("strata") or {}
-        states = ((app.get("deployments") or {}).get("AdapterServer") or {}).get("replica_states") or {}
-        if app.get("status") == "RUNNING" and states == {"RUNNING": replicas}:
+        app = (ServeSubmissionClient(address).get_serve_details().get("applications") or {}).get("strata") or {}
+        states = [r["state"] for r in ((app.get("deployments") or {}).get("AdapterServer") or {}).get("replicas", [])]
+        if app.get("status") == "RUNNING" and states == ["RUNNING"] * replicas:
             return
-        assert time.monotonic() < deadline, f"no {replicas} RUNNING AdapterServer replicas after {timeout} s:\n{status}"
-        time.sleep(1)
+        assert time.monotonic() < deadline, f"not {replicas} RUNNING AdapterServer replicas after {timeout} s: {app}"
+        time.sleep(0.5)
 
 
 def keep_requesting(port: int, row: dict, stop: threading.Event, log: list[tuple[float, str | None]]) -> None:
@@ -295,7 +300,7 @@ def test_serve_deploy_then_more_replicas_while_requests_keep_succeeding(head_nod
     try:
         write_serve_config(config, args, port, replicas=1)
         serve_cli(env, "deploy", str(config), f"--address={address}")
-        wait_for_replicas(env, address, 1)
+        wait_for_replicas(address, 1)
         client.start()
         deadline = time.monotonic() + 60
         while len(log) < 5:  # requests are being served by the one replica
@@ -304,16 +309,19 @@ def test_serve_deploy_then_more_replicas_while_requests_keep_succeeding(head_nod
         changed = time.monotonic()
         write_serve_config(config, args, port, replicas=2)
         serve_cli(env, "deploy", str(config), f"--address={address}")
-        wait_for_replicas(env, address, 2)
+        wait_for_replicas(address, 2)
         scaled = time.monotonic()
+        status = yaml.safe_load(serve_cli(env, "status", f"--address={address}").stdout)  # what the user sees
+        assert status["applications"]["strata"]["deployments"]["AdapterServer"]["replica_states"] == {"RUNNING": 2}
         # Two replica actors, as the cluster's state API sees them (named: another cluster may run here).
         replicas = list_actors(address=address, filters=[("class_name", "=", "ServeReplica:strata:AdapterServer"),
                                                          ("state", "=", "ALIVE")], limit=100)
         assert len(replicas) == 2, replicas
-        time.sleep(3)  # and requests go on with two
+        time.sleep(1)  # and requests go on with two
     finally:
         stop.set()
-        client.join(timeout=90)
+        if client.ident is not None:  # it was started
+            client.join(timeout=90)
         down = subprocess.run([SERVE, "shutdown", "-y", f"--address={address}"], env=env, capture_output=True,
                               text=True, timeout=120)
     failed = [(round(t - changed, 1), error) for t, error in log if error]

@@ -208,7 +208,8 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
         rows = encode_table(processor, table, with_answers=True)
         prompts = encode_table(processor, table, with_answers=False)  # route as serving does: on the prompt alone
         pad = processor.tokenizer.pad_token_id
-        kl = mean_kl(answer_log_probs(anchor, rows, routes(s.strategy, served_ctx, anchor, processor, prompts, None), pad),
+        served_routes = routes(s.strategy, served_ctx, anchor, processor, prompts, None)
+        kl = mean_kl(answer_log_probs(anchor, rows, served_routes, pad),
                      answer_log_probs(model, rows, routes(s.strategy, ctx, model, processor, prompts, None), pad))
     drifts = [e["gate"]["kl"] for e in promoted if e.get("gate", {}).get("kl") is not None]
     verdict = decide(cfg, ctx.name, val, {t: before[t] for t in ctx.seen if t in before},
