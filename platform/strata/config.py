@@ -349,11 +349,12 @@ class RunConfig:
 
 
 def smoke_test(cfg: RunConfig) -> RunConfig:
-    """The same run made small enough to check in a few minutes: test backbone, <= 3 tasks, few steps and rows."""
+    """The same run made small enough to check in minutes: test backbone, <= 3 tasks, 40 steps, few rows."""
     return dataclasses.replace(
         cfg, backbone=dataclasses.replace(cfg.backbone, source="builtin:test"), tasks=min(cfg.tasks, 3),
-        n_train=min(cfg.n_train, 400), n_val=min(cfg.n_val, 20), n_test=min(cfg.n_test, 120),
-        train=dataclasses.replace(cfg.train, steps=min(cfg.train.steps, 80), lr=max(cfg.train.lr, 3e-3)),
+        n_train=min(cfg.n_train, 320), n_val=min(cfg.n_val, 16), n_test=min(cfg.n_test, 80),
+        train=dataclasses.replace(cfg.train, steps=min(cfg.train.steps, 40), lr=max(cfg.train.lr, 3e-3),
+                                  checkpoint_every=0),
     )
 
 
