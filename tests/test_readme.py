@@ -106,6 +106,11 @@ def copy_tree(dest: Path) -> None:
         os.utime(dest / name, (stamp - 1, stamp - 1))
 
 
+def not_json(token: str):
+    """metrics.json must be strict JSON: NaN or Infinity fail the test."""
+    raise AssertionError(f"metrics.json is not strict JSON: {token}")
+
+
 def test_smoke_rules_and_block_parsing() -> None:
     assert smoke("make test") is None and smoke("make run") == "make run ARGS=--smoke-test"
     assert smoke("strata run --strategy dgg") == "strata run --strategy dgg --smoke-test"
@@ -149,7 +154,7 @@ def test_a_new_user_follows_the_readme_to_a_served_answer(tmp_path: Path) -> Non
 
     # The tour's claims hold on the smoke run.
     runs = work / "runs"
-    metrics = {s: json.loads((runs / "default" / s / "metrics.json").read_text())
+    metrics = {s: json.loads((runs / "default" / s / "metrics.json").read_text(), parse_constant=not_json)
                for s in ("seqlora", "decoupled", "multitask")}
     assert metrics["seqlora"]["forgetting"] - metrics["decoupled"]["forgetting"] >= 10, metrics
     assert metrics["decoupled"]["router_accuracy"] >= 90
@@ -158,7 +163,10 @@ def test_a_new_user_follows_the_readme_to_a_served_answer(tmp_path: Path) -> Non
         preds = pq.read_table(runs / "default" / s / "predictions.parquet")
         assert {"after_task", "task", "id", "prediction", "answer", "score"} <= set(preds.column_names)
         manifest = json.loads((runs / "default" / s / "manifest.json").read_text())
-        assert manifest["config_hash"] and len(manifest["data"]) == 3
+        assert manifest["config_hash"] and manifest["seed"] == 0 and len(manifest["data"]) == 3
+        assert manifest["versions"]["torch"].startswith("2.")
+        assert {"tasks", "faa", "mfn", "mft", "maa", "bwt", "fwt", "forgetting"} <= metrics[s].keys()
+        assert len(metrics[s]["accuracy_matrix"]) == 3
     # Your own data: both formats arrived in one stream and were gated.
     mine = json.loads((runs / "mine" / "decoupled" / "metrics.json").read_text())
     assert mine["tasks"] == ["colour", "where"] and mine["versions"] == [1, 1]

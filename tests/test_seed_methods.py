@@ -1,5 +1,5 @@
 """The seed papers' methods through the one pipeline and training loop (in this process; Ray Train is
-exercised by test_pipeline_ray.py, test_fault_tolerance.py and the cluster workflows)."""
+exercised by the README walkthrough (make run), test_fault_tolerance.py and the cluster workflows)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_seed_methods_run_through_the_same_pipeline(backbone_dir, tmp_path):
         tasks=2,
         out=str(tmp_path),
         backbone=BackboneSpec(str(backbone_dir)),
-        train=TrainConfig(steps=4, batch_size=8, lr=3e-3, executor="local"),  # Ray Train: test_pipeline_ray.py
+        train=TrainConfig(steps=4, batch_size=8, lr=3e-3, executor="local"),  # Ray Train: see the docstring
         gate=GateConfig(mode="report"),
         mode=MoDEConfig(experts=2, rank=4, reference_rows=16, kd_batch=4),
         cma=CMAConfig(memory=16, memory_batch=4),
