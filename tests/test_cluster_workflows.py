@@ -142,13 +142,6 @@ def test_stream_job_trains_on_both_worker_nodes_and_writes_metrics(head_node, ba
     assert metrics["gate"]["mode"] == "enforce" and len(metrics["training"]) == 2
 
 
-def test_failing_job_exits_non_zero_with_a_clear_message(head_node, tmp_path):
-    env, address = head_node
-    proc = submit(env, address, ["--strategy", "nope", "--out", str(tmp_path / "bad")])
-    assert proc.returncode != 0
-    assert "unknown strategy 'nope'" in proc.stdout + proc.stderr
-
-
 def test_tasks_arrive_as_separate_jobs_and_any_version_re_evaluates(head_node, backbone_dir, tmp_path):
     from strata.data.benchmark import write_benchmark
 
@@ -164,9 +157,6 @@ def test_tasks_arrive_as_separate_jobs_and_any_version_re_evaluates(head_node, b
     metrics = json.loads((tmp_path / "stream" / "dgg" / "metrics.json").read_text())
     assert metrics["tasks"] == ["colour", "shape"] and metrics["versions"] == [1, 2]
     assert metrics["accuracy_matrix"][1][0] is not None  # task 1 re-evaluated after task 2
-
-    again = submit(env, address, ["--task", "colour", "--dataset", str(files["colour"]), *common], "arrive")
-    assert again.returncode != 0 and "already learned" in again.stdout + again.stderr
 
     proc = submit(env, address, ["--version", "1", *common], "evaluate")
     assert proc.returncode == 0, log_tail(proc)

@@ -76,6 +76,8 @@ def test_a_rejected_decoupled_task_leaves_the_router_and_its_adapters_as_served(
     # colour's adapter is untouched and its rows are routed on their prompts, as serving does: no drift.
     assert card["gate"]["kl"] < 1e-3, card["gate"]
     assert [p.name for p in (tmp_path / "stream" / "decoupled" / "state" / "adapters").iterdir()] == ["colour"]
+    with pytest.raises(ValueError, match="'colour' was already learned"):  # a rejected task may come again; not this
+        arrive(cfg, "decoupled", "colour", data["colour"], quiet)
 
 
 @pytest.fixture()
