@@ -14,6 +14,7 @@ One cluster serves the whole module: starting one costs 20-30 s.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -116,24 +117,55 @@ def submit(env: dict, address: str, args: list[str], job: str = "stream",
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@contextlib.contextmanager
+def actors_seen(address: str, class_name: str):
+    """While the block runs, poll the cluster's state API; yields {actor id: (job id, node id)} as it fills.
+
+    Matched on the end of the class name: Tune's trial class is `ImplicitFunc` in one process and
+    `wrap_function.<locals>.ImplicitFunc` when a job's driver defines it. Polled during the job, as
+    one watches the dashboard, so a finished job's actors need not stay listed.
+    """
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    seen: dict[str, tuple[str, str]] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                for a in list_actors(address=address, detail=True, limit=1000):
+                    if a.class_name.split(".")[-1] == class_name:
+                        seen[a.actor_id] = (a.job_id, a.node_id)
+            except RayStateApiException:
+                pass  # a busy dashboard; the next poll catches up
+            done.wait(2)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        watcher.join()
+
+
 def log_tail(proc: subprocess.CompletedProcess) -> str:
     """The end of a CLI's output (a job's log included), for failure messages."""
     return f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 def test_stream_job_trains_on_both_worker_nodes_and_writes_metrics(head_node, backbone_dir, tmp_path):
-    from ray.util.state import list_actors
-
     env, address = head_node
     out = tmp_path / "job"
     config = tmp_path / "two-nodes.yaml"  # one Train worker per worker node
     config.write_text("train: {num_workers: 2, cpus_per_worker: 1, resources_per_worker: {worker_node: 1}}\n")
-    proc = submit(env, address, ["--strategy", "seqlora", "--tasks", "2", "--steps", "20", "--config", str(config),
-                                 "--test-rows", "40", "--backbone", str(backbone_dir), "--out", str(out)])
+    with actors_seen(address, "RayTrainWorker") as workers:
+        proc = submit(env, address, ["--strategy", "seqlora", "--tasks", "2", "--steps", "20", "--config", str(config),
+                                     "--test-rows", "40", "--backbone", str(backbone_dir), "--out", str(out)])
     assert proc.returncode == 0, log_tail(proc)
     assert "succeeded" in proc.stdout
-    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
-    assert len({w.node_id for w in workers}) == 2, [(w.node_id, w.state) for w in workers]
+    assert len({node for _, node in workers.values()}) == 2, workers
     metrics = json.loads((out / "seqlora" / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 2
     # The job went through the registry and the gate: task 1 is served, task 2 was judged.
@@ -182,14 +214,15 @@ def test_an_invalid_dataset_is_refused_before_anything_is_recorded(head_node, ba
 
 def test_a_tune_sweep_job_stops_the_known_bad_trial_early_and_writes_the_best_config(head_node, backbone_dir,
                                                                                       tmp_path):
-    from ray.util.state import list_actors, list_jobs
+    from ray.util.state import list_jobs
 
     from strata.cli import build_run_config
     from strata.tune import load_sweep, run_config
 
     env, address = head_node
     name = f"tune-{uuid.uuid4().hex[:8]}"  # our name for the job, to find its actors by
-    proc = submit(env, address, ["tune_spaces/smoke.yaml", "--out", str(tmp_path)], "tune", submission_id=name)
+    with actors_seen(address, "ImplicitFunc") as trial_actors:
+        proc = submit(env, address, ["tune_spaces/smoke.yaml", "--out", str(tmp_path)], "tune", submission_id=name)
     assert proc.returncode == 0 and f"Job '{name}' succeeded" in proc.stdout, log_tail(proc)
 
     summary = json.loads((tmp_path / "smoke" / "summary.json").read_text())
@@ -211,11 +244,10 @@ def test_a_tune_sweep_job_stops_the_known_bad_trial_early_and_writes_the_best_co
     # The trials were the job's own Ray actors, seen by the cluster's state API. Name the cluster:
     # with no address, the state API may pick another live or stale cluster on the machine.
     (job,) = list_jobs(address=address, filters=[("submission_id", "=", name)])
-    actors = list_actors(address=address, filters=[("class_name", "=", "ImplicitFunc"), ("job_id", "=", job.job_id)],
-                         detail=True, limit=100)
-    assert len(actors) == 4, [(a.actor_id, a.state) for a in actors]
+    nodes = [node for job_id, node in trial_actors.values() if job_id == job.job_id]
+    assert len(nodes) == 4, (job.job_id, trial_actors)
     # 1 CPU per node and 1 per trial: the two trials that ran at once were on two nodes.
-    assert len({a.node_id for a in actors}) >= 2, [a.node_id for a in actors]
+    assert len(set(nodes)) >= 2, nodes
 
 
 def serve_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
