@@ -22,7 +22,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/strata run --strategy seqlora --strategy decoupled --strategy multitask --gate report --out $(OUT) $(ARGS)
 
-# The same job, small (`strata run --smoke-test`: the test backbone, 3 tasks, few steps and rows).
+# The same job, small (`strata run --smoke-test`: the test backbone, 2 tasks, 60 steps, few rows).
 smoke:
 	$(MAKE) run ARGS=--smoke-test OUT=runs/smoke
 

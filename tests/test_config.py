@@ -205,6 +205,6 @@ def test_python_api_validates_before_doing_anything(tmp_path) -> None:
 def test_smoke_test_shrinks_the_run_and_keeps_everything_else() -> None:
     cfg = RunConfig(strategies=("dgg",), tasks=8, seed=3, train=TrainConfig(steps=500, lr=1e-4, batch_size=16))
     small = smoke_test(cfg)
-    assert (small.backbone.source, small.tasks, small.train.steps, small.n_test) == ("builtin:test", 3, 40, 80)
+    assert (small.backbone.source, small.tasks, small.train.steps, small.n_test) == ("builtin:test", 2, 60, 80)
     assert (small.strategies, small.seed, small.train.batch_size) == (("dgg",), 3, 16)
     assert smoke_test(dataclasses.replace(cfg, tasks=2, train=TrainConfig(steps=10))).train.steps == 10

@@ -76,7 +76,7 @@ def run(
     executor: str | None = typer.Option(None, help="ray (Ray Train workers) or local (this process)."),
     gate: str | None = GATE,
     registry: str | None = typer.Option(None, help="Registry root (default <out>/registry)."),
-    smoke: bool = typer.Option(False, "--smoke-test", help="The same run, small: test backbone, 3 tasks, 40 steps."),
+    smoke: bool = typer.Option(False, "--smoke-test", help="The same run, small: test backbone, 2 tasks, 60 steps."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
     from strata.coordinator import TaskBusy

@@ -349,11 +349,11 @@ class RunConfig:
 
 
 def smoke_test(cfg: RunConfig) -> RunConfig:
-    """The same run made small enough to check in minutes: test backbone, <= 3 tasks, 40 steps, few rows."""
+    """The same run made small enough to check in minutes: test backbone, <= 2 tasks, 60 steps, few rows."""
     return dataclasses.replace(
-        cfg, backbone=dataclasses.replace(cfg.backbone, source="builtin:test"), tasks=min(cfg.tasks, 3),
+        cfg, backbone=dataclasses.replace(cfg.backbone, source="builtin:test"), tasks=min(cfg.tasks, 2),
         n_train=min(cfg.n_train, 320), n_val=min(cfg.n_val, 16), n_test=min(cfg.n_test, 80),
-        train=dataclasses.replace(cfg.train, steps=min(cfg.train.steps, 40), lr=max(cfg.train.lr, 3e-3),
+        train=dataclasses.replace(cfg.train, steps=min(cfg.train.steps, 60), lr=max(cfg.train.lr, 3e-3),
                                   checkpoint_every=0),
     )
 
