@@ -339,7 +339,10 @@ def test_serve_deploy_then_more_replicas_while_requests_keep_succeeding(head_nod
         replicas = list_actors(address=address, filters=[("class_name", "=", "ServeReplica:strata:AdapterServer"),
                                                          ("state", "=", "ALIVE")], limit=100)
         assert len(replicas) == 2, replicas
-        time.sleep(1)  # and requests go on with two
+        deadline = time.monotonic() + 60
+        while sum(t > scaled for t, _ in log) < 5:  # and requests go on with two
+            assert client.is_alive() and time.monotonic() < deadline, log[-5:]
+            time.sleep(0.2)
     finally:
         stop.set()
         if client.ident is not None:  # it was started
