@@ -25,10 +25,11 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from strata.config import BackboneSpec
-from strata.registry import Registry, RegistryError
+from strata.registry import Ref, Registry, RegistryError
 from strata.serving.batcher import MicroBatcher
 from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, resolve_id
 from strata.serving.openai import ApiError, Limits, completion_body, parse_chat, stream_chunks
+from strata.strategies.decoupled import ROUTER_FILE
 
 
 @dataclass(frozen=True)
@@ -192,11 +193,15 @@ class Ingress:
             return JSONResponse(e.body(), status_code=e.status)
         data = []
         for s in self.registry.streams():
+            routed = False  # `<stream>/auto` is listed when a production version carries a router prototype
             for a in self.registry.adapters(s):
                 version = self.registry.production(s, a)
                 if version is not None:
                     data.append({"id": f"{s}/{a}", "object": "model", "owned_by": "strata",
                                  "version": f"v{version}"})
+                    routed = routed or ROUTER_FILE in self.registry.files(Ref(s, a, version))
+            if routed:
+                data.append({"id": f"{s}/auto", "object": "model", "owned_by": "strata", "version": "router"})
         return {"object": "list", "data": data}
 
     @api.get("/health")

@@ -173,7 +173,7 @@ def test_a_new_user_follows_the_readme_to_a_served_answer(tmp_path: Path) -> Non
     assert (runs / "merged" / "config.json").exists()
     # The served adapters answered the openai client, and rollback changed the version that answers.
     served = next(line for line in proc.stdout.splitlines() if line.startswith("served:"))
-    assert "default/colour" in served and "default/seqlora" in served, served
+    assert all(f"default/{a}" in served for a in ("colour", "seqlora", "auto")), served
     answer = next(line for line in proc.stdout.splitlines() if "(expected:" in line)
     assert answer.split(" -> ")[1].split("(expected:")[0].strip(), answer  # a non-empty answer
     rolled_back = next(line for line in proc.stdout.splitlines() if line.startswith("answered by"))

@@ -127,7 +127,8 @@ def test_the_openai_client_gets_offline_answers_streams_and_follows_promotion(se
     assert reply.choices[0].message.content == processor.tokenizer.decode(tok_offline, skip_special_tokens=True).strip()
     streamed = client.chat.completions.create(model="default/seqlora", messages=messages, max_tokens=8, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == reply.choices[0].message.content
-    assert [m.id for m in client.models.list().data] == ["default/colour", "default/seqlora", "default/shape"]
+    listed = [m.id for m in client.models.list().data]  # `auto`: colour and shape carry router prototypes
+    assert listed == ["default/colour", "default/seqlora", "default/shape", "default/auto"]
 
     registry.promote(Ref("default", "seqlora", 2))  # no restart: the next request is served by v2
     after = client.chat.completions.create(model="seqlora", messages=messages, max_tokens=8, temperature=0)

@@ -154,6 +154,11 @@ class Registry:
         """Whether `ref` is a committed version (its manifest exists)."""
         return exists(self.fs, f"{self._dir(ref)}/{MANIFEST}")
 
+    def files(self, ref: Ref) -> list[str]:
+        """The names of a committed version's files, from its manifest (nothing is read or hashed)."""
+        self._committed(ref)
+        return sorted(read_json(self.fs, f"{self._dir(ref)}/{MANIFEST}")["files"])
+
     def card(self, ref: Ref) -> dict:
         """The card of a committed version, with its stage as served now."""
         self._committed(ref)
