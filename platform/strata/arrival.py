@@ -206,11 +206,9 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
     kl = None
     if table is not None:
         rows = encode_table(processor, table, with_answers=True)
-        prompts = encode_table(processor, table, with_answers=False)  # route as serving does: on the prompt alone
         pad = processor.tokenizer.pad_token_id
-        served_routes = routes(s.strategy, served_ctx, anchor, processor, prompts, None)
-        kl = mean_kl(answer_log_probs(anchor, rows, served_routes, pad),
-                     answer_log_probs(model, rows, routes(s.strategy, ctx, model, processor, prompts, None), pad))
+        kl = mean_kl(answer_log_probs(anchor, rows, routes(s.strategy, served_ctx, anchor, processor, rows, None), pad),
+                     answer_log_probs(model, rows, routes(s.strategy, ctx, model, processor, rows, None), pad))
     drifts = [e["gate"]["kl"] for e in promoted if e.get("gate", {}).get("kl") is not None]
     verdict = decide(cfg, ctx.name, val, {t: before[t] for t in ctx.seen if t in before},
                      served_on_new[ctx.name].accuracy, kl, kl_threshold(cfg, drifts))

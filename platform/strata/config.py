@@ -349,7 +349,7 @@ class RunConfig:
 
 
 def smoke_test(cfg: RunConfig) -> RunConfig:
-    """The same run made small enough to check in minutes: test backbone, <= 2 tasks, 60 steps, few rows."""
+    """The same run, small enough to check in minutes: test backbone, <= 2 tasks, 60 steps (lr >= 3e-3), few rows."""
     return dataclasses.replace(
         cfg, backbone=dataclasses.replace(cfg.backbone, source="builtin:test"), tasks=min(cfg.tasks, 2),
         n_train=min(cfg.n_train, 320), n_val=min(cfg.n_val, 16), n_test=min(cfg.n_test, 80),

@@ -76,6 +76,9 @@ def test_pooled_features_shape_and_unit_norm_halves(backbone, rows) -> None:
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(5))
     # Batching only changes how rows are grouped, not the features.
     torch.testing.assert_close(pooled_features(model, processor, enc, batch_size=2), feats)
+    # Answer tokens are left out: rows encoded with answers (the gate's anchor) route like prompts.
+    torch.testing.assert_close(pooled_features(model, processor, encode_table(processor, rows, with_answers=True)),
+                               feats)
 
 
 def test_pooled_features_ignore_adapters(backbone, rows) -> None:

@@ -25,9 +25,11 @@ def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def pooled_features(model: torch.nn.Module, processor, enc: Encoded, batch_size: int = 256) -> torch.Tensor:
-    """(N, 2H): mean last-layer state over image tokens ++ over text tokens, each L2-normalised.
+    """(N, 2H): mean last-layer state over image tokens ++ over prompt text tokens, each L2-normalised.
 
-    Adapters are disabled so the features never depend on what was trained since.
+    Adapters are disabled so the features never depend on what was trained since. Answer tokens
+    (labelled rows) are left out: in a causal model the prompt's states do not see them, so rows
+    encoded with or without answers route alike, as at serving time.
     """
     tok = processor.tokenizer
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
@@ -35,9 +37,10 @@ def pooled_features(model: torch.nn.Module, processor, enc: Encoded, batch_size:
     with off:
         for start in range(0, len(enc), batch_size):
             batch = collate(enc.select(list(range(start, min(start + batch_size, len(enc))))), tok.pad_token_id)
-            batch.pop("labels")
+            answer = batch.pop("labels") != -100
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
             is_image, is_text = modality_masks(model, batch)
+            is_text &= ~answer
             image, text = masked_mean(hidden, is_image), masked_mean(hidden, is_text)
             chunks.append(torch.cat([F.normalize(image, dim=-1), F.normalize(text, dim=-1)], dim=-1))
     return torch.cat(chunks)
