@@ -26,10 +26,10 @@ from ray.util import metrics
 
 from strata.config import BackboneSpec
 from strata.registry import Ref, Registry, RegistryError
+from strata.routing import ROUTER_FILE
 from strata.serving.batcher import MicroBatcher
 from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, resolve_id
 from strata.serving.openai import ApiError, Limits, completion_body, parse_chat, stream_chunks
-from strata.strategies.decoupled import ROUTER_FILE
 
 
 @dataclass(frozen=True)

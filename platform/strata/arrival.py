@@ -1,14 +1,15 @@
-"""The life of one arriving task for one strategy (DESIGN §2), shared by `strata run` and the jobs.
+"""The life of one arriving task for one strategy (docs/ARCHITECTURE.md), shared by `strata run` and the jobs.
 
 begin (coordinator) → train (Ray Train or in-process) → strategy bookkeeping → push the candidate
 to the registry → gate on `val` against the state served before → promote, or reject and restore
 the served state → commit in the coordinator. There is no other path to production.
+
+The driver reads the backbone from disk once per process (`shared_backbone`): the candidate and
+the served state it is compared with are two adapter sets over the same frozen weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -19,21 +20,20 @@ from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from strata.atomic import replace_dir
-from strata.backbone.load import load_backbone
+from strata.backbone.load import shared_backbone
 from strata.config import RunConfig
 from strata.coordinator import Coordinator
 from strata.data.collate import Encoded, encode_table
 from strata.data.schema import read_table, write_table
+from strata.digest import file_sha256
 from strata.eval.drift import anchor_rows, anchor_table, answer_log_probs, mean_kl
 from strata.eval.evaluate import TaskResult, evaluate_task
 from strata.eval.gate import Verdict, decide, kl_threshold
+from strata.hooks import Strategy, TaskContext, record
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
 from strata.strategies import make_strategy
-from strata.strategies.base import Strategy, TaskContext
-from strata.strategies.cma import FREEZE_FILE
 from strata.train.driver import TaskJob, fit_local, fit_task
 
 
@@ -62,11 +62,11 @@ class StrategyStream:
     @cached_property
     def backbone(self) -> BackboneInfo:
         """The backbone's identity and module shapes, for the registry's checks."""
-        model, _ = load_backbone(self.cfg.backbone, self.backbone_path)
+        model, _ = shared_backbone(self.cfg.backbone, self.backbone_path)
         return backbone_info(self.cfg.backbone.source, self.backbone_path, model)
 
     def registry_adapter(self, task: str) -> str:
-        """The versioned adapter a task adds to (DESIGN §2): its own for Decoupled, else the strategy's."""
+        """The versioned adapter a task adds to: its own for a per-task strategy, else the strategy's."""
         return self.name if self.strategy.shared else task
 
     def learned(self) -> list[str]:
@@ -82,17 +82,18 @@ class StrategyStream:
         seen = tuple(self.learned())
         return TaskContext(len(seen), task, seen, {**train_paths}, str(state_dir or self.state_dir), self.cfg.seed)
 
-    def served_context(self, state_dir: Path) -> TaskContext | None:
-        """The context of the last promoted task over a copy of the served state (None: bare backbone)."""
+    def served_context(self, state_dir: Path | None = None) -> TaskContext | None:
+        """The context of the last promoted task over `state_dir` (default: the state itself); None before any."""
         seen = self.learned()
         if not seen:
             return None
-        return TaskContext(len(seen) - 1, seen[-1], tuple(seen[:-1]), {}, str(state_dir), self.cfg.seed)
+        return TaskContext(len(seen) - 1, seen[-1], tuple(seen[:-1]), {}, str(state_dir or self.state_dir),
+                           self.cfg.seed)
 
 
 def eval_model(cfg: RunConfig, backbone_path: Path, strategy: Strategy, ctx: TaskContext | None):
-    """A fresh backbone with the strategy's adapters after task `ctx` (None: the bare backbone)."""
-    model, processor = load_backbone(cfg.backbone, backbone_path)
+    """The backbone with the strategy's adapters after task `ctx` (None: the bare backbone), frozen."""
+    model, processor = shared_backbone(cfg.backbone, backbone_path)
     return (strategy.load_eval(model, ctx) if ctx else model), processor
 
 
@@ -123,8 +124,8 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
     served = keep_copy(s.state_dir, s.out / ".served")
     try:
         trained = train(s, ctx, entry["run_id"])
+        s.strategy.after_task(ctx, read_table(train_paths[task]))
         model, processor = eval_model(s.cfg, s.backbone_path, s.strategy, ctx)
-        s.strategy.after_task(ctx, read_table(train_paths[task]), model, processor)
         ref = push_candidate(s, ctx, trained)
         served_ctx = s.served_context(served)
         anchor, _ = eval_model(s.cfg, s.backbone_path, s.strategy, served_ctx)
@@ -216,32 +217,11 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
 
 
 def promote(s: StrategyStream, ctx: TaskContext, ref: Ref, verdict: Verdict, metrics: dict) -> None:
-    """Serve the candidate and commit the task: its version, freeze masks and replay index."""
+    """Serve the candidate and commit the task with its version and the strategy's state records."""
     reason = "passed the gate" if verdict.passed else f"gate in report mode: {'; '.join(verdict.reasons)}"
     s.registry.promote(ref, reason, gate=verdict.record(), metrics=metrics)
-    freeze = s.state_dir / FREEZE_FILE
-    record = {
+    records = {name: record(path, s.state_dir) for name, path in s.strategy.state_records(ctx).items()
+               if path.exists()}
+    s.coord.commit_task(s.name, ctx.name, s.owner, "promoted", {
         "adapter": {"name": ref.adapter, "version": ref.version, "registry": s.registry.uri},
-        "freeze": json.loads(freeze.read_text())["masks"] if freeze.exists() else {},
-        "replay": replay_index(s.state_dir),
-        "accuracy": metrics["test_accuracy"],
-        "metrics": metrics["training"],
-    }
-    s.coord.commit_task(s.name, ctx.name, s.owner, "promoted", record)
-
-
-def file_sha256(path: Path) -> str:
-    """Content hash of one file."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def replay_index(state_dir: Path) -> dict[str, dict]:
-    """Row counts and hashes of every replay or memory reservoir file (the rows stay in storage)."""
-    index = {}
-    for path in sorted(state_dir.glob("*/*.parquet")):
-        if path.parent.name in ("buffer", "memory"):
-            index[f"{path.parent.name}/{path.stem}"] = {
-                "rows": pq.read_metadata(path).num_rows,
-                "sha256": file_sha256(path)[:16],
-            }
-    return index
+        "records": records, "accuracy": metrics["test_accuracy"], "metrics": metrics["training"]})

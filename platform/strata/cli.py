@@ -9,6 +9,7 @@ import typer
 import yaml
 from rich.table import Table
 
+from strata import strategies as strategy_registry
 from strata.config import RunConfig, from_dict, smoke_test
 from strata.registry.commands import REGISTRY, registry_app
 from strata.terminal import console, fail
@@ -63,7 +64,9 @@ GATE = typer.Option(None, help="Promotion gate: enforce (reject failing candidat
 
 @app.command()
 def run(
-    strategy: list[str] = typer.Option([], "--strategy", "-s", help="Strategy to run; repeat for several."),
+    strategy: list[str] = typer.Option([], "--strategy", "-s", help=(
+        f"Strategy to run; repeat for several. One of: {', '.join(strategy_registry.names())} "
+        "(their options: `strata strategies`).")),
     tasks: int | None = typer.Option(None, help="How many tasks of the stream to learn."),
     steps: int | None = typer.Option(None, help="Optimizer steps per task."),
     out: str | None = typer.Option(None, help="Output directory."),
@@ -95,6 +98,22 @@ def run(
         if isinstance(e, DatasetError):
             console.print(e.report.format())
         fail(str(e).splitlines()[0] if isinstance(e, DatasetError) else str(e))
+
+
+@app.command("strategies")
+def list_strategies(markdown: bool = typer.Option(False, help="Print the README's Markdown table instead.")) -> None:
+    """List every registered strategy with its options and their defaults (set them in the run config)."""
+    if markdown:
+        print(strategy_registry.options_table(strategy_registry.builtin()))
+        return
+    table = Table(title="strategies (options go in the run config under the strategy's name)")
+    for col in ("strategy", "what it is", "options (default)"):
+        table.add_column(col)
+    for e in strategy_registry.load_all():
+        opts = [f"{e.name}.{k}={v}" for k, v in e.defaults().items()]
+        opts += [f"{key} (= {e.name}.{option})" for key, option in e.aliases.items()]
+        table.add_row(e.name, e.summary, "\n".join(opts) or "—")
+    console.print(table)
 
 
 STREAM_OUT = typer.Option("runs/stream", help="The stream's directory (data, state, versions).")
@@ -178,12 +197,12 @@ def stream_coordinator(stream: str, out: str, storage: str | None):
     """The stream's coordinator: through its actor inside a Ray cluster (RAY_ADDRESS), else its file."""
     import os
 
-    from strata.coordinator import Coordinator
+    from strata.coordinator import Coordinator, default_storage
     from strata.train.driver import init_ray
 
     if os.environ.get("RAY_ADDRESS"):
         init_ray()
-    return Coordinator(stream, storage or str(Path(out).resolve() / "coordinator"),
+    return Coordinator(stream, default_storage(out, storage),
                        use_ray=bool(os.environ.get("RAY_ADDRESS")))
 
 
@@ -315,11 +334,12 @@ def probe_conflict(
     """cos(∇L_text, ∇L_image) per parameter tensor, for MoDE and a modality-coupled MoE-LoRA."""
     from strata.atomic import write_text
     from strata.backbone.load import resolve
-    from strata.config import BackboneSpec, MoDEConfig
+    from strata.config import BackboneSpec
     from strata.data.benchmark import generate_task
     from strata.data.schema import read_table
     from strata.eval.conflict import conflict_table, probe
     from strata.eval.plots import plot_conflict
+    from strata.strategies.mode import MoDEConfig
 
     try:
         spec = BackboneSpec(backbone)

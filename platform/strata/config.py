@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 BUILTIN_BACKBONES = ("builtin:tiny", "builtin:test")
-STRATEGIES = ("seqlora", "replay", "decoupled", "multitask", "ewc", "lwf", "dgg", "mode", "cma")  # built by strategies.make_strategy
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -29,7 +28,7 @@ class BackboneSpec:
     """Which frozen backbone to load."""
 
     source: str = "builtin:tiny"  # "builtin:tiny", "builtin:test", or a local HF LLaVA-style model dir
-    quantization: str | None = None  # None, "4bit" (NF4 + double quant) or "8bit"; issue 5 wires it in
+    quantization: str | None = None  # None, "4bit" (NF4 + double quant) or "8bit" (bitsandbytes)
 
     def __post_init__(self) -> None:
         if self.source.startswith("builtin:") and self.source not in BUILTIN_BACKBONES:
@@ -41,7 +40,7 @@ class BackboneSpec:
 
 
 ADAPTER_KINDS = ("lora", "dora", "bottleneck", "prefix", "bitfit")
-MULTI_ADAPTER_KINDS = ("lora", "dora")  # kinds that can share a model as several named adapters (Decoupled)
+MULTI_ADAPTER_KINDS = ("lora", "dora")  # kinds that can share a model as several named adapters
 PLACEMENTS = ("all", "top_half", "bottom_half", "every_other", "vision_only", "language_only")
 
 
@@ -82,12 +81,12 @@ class AdapterSpec:
                      self.dropout, tuple(sorted(self.layer_ranks.items()))))
 
 
-def _check_unit(value: float, where: str) -> None:
+def check_unit(value: float, where: str) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{where} must be in [0, 1], got {value}")
 
 
-def _check_positive(owner: object, section: str, *, at_least_zero: tuple[str, ...] = (),
+def check_positive(owner: object, section: str, *, at_least_zero: tuple[str, ...] = (),
                     above_zero: tuple[str, ...] = ()) -> None:
     """Refuse negative weights and non-positive temperatures/sizes, naming `section.field`."""
     for name in at_least_zero:
@@ -96,121 +95,6 @@ def _check_positive(owner: object, section: str, *, at_least_zero: tuple[str, ..
     for name in above_zero:
         if getattr(owner, name) <= 0:
             raise ValueError(f"{section}.{name} must be > 0, got {getattr(owner, name)}")
-
-
-@dataclass(frozen=True)
-class DecoupledConfig:
-    """Options of the Decoupled strategy."""
-
-    routing: str = "auto"  # "auto" (prototype router) or "name" (the caller names the task)
-    contrastive: bool = False  # add seed 000's symmetric InfoNCE on pooled image/text states
-    contrastive_weight: float = 0.1
-    tau: float = 0.07
-
-    def __post_init__(self) -> None:
-        if self.routing not in ("auto", "name"):
-            raise ValueError(f"decoupled.routing must be 'auto' or 'name', got {self.routing!r}")
-        _check_positive(self, "decoupled", at_least_zero=("contrastive_weight",), above_zero=("tau",))
-
-
-@dataclass(frozen=True)
-class DGGConfig:
-    """Dynamic Gradient Guidance (seed 004); the three switches are the paper's ablations."""
-
-    alpha: float | tuple[float, ...] = 0.2  # injection probability, constant or one per task
-    bernoulli: bool = True  # False: inject the guidance every step
-    scaling: bool = True  # False: never rescale (theta - theta*) to the gradient's norm
-    replay: bool = True  # False: guidance only ("g-hat only"), no replay rows
-
-    def __post_init__(self) -> None:
-        for i, a in enumerate(self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)):
-            _check_unit(a, f"dgg.alpha[{i}]" if isinstance(self.alpha, tuple) else "dgg.alpha")
-        if isinstance(self.alpha, tuple) and not self.alpha:
-            raise ValueError("dgg.alpha as a per-task list needs at least one value")
-
-    def alpha_for(self, task_index: int) -> float:
-        """The injection probability for task `task_index` (a per-task list repeats its last value)."""
-        if isinstance(self.alpha, tuple):
-            return self.alpha[min(task_index, len(self.alpha) - 1)]
-        return self.alpha
-
-
-@dataclass(frozen=True)
-class MoDEConfig:
-    """Modality-decoupled experts (seed 001): T-MoE for text tokens, V-Adapter for image tokens."""
-
-    experts: int = 4  # LoRA experts in each T-MoE
-    rank: int = 8  # rank of every T-MoE expert and of the V-Adapter
-    kd_weight: float = 0.3  # lambda: weight of KL(teacher || student) on the reference set
-    temperature: float = 2.0
-    reference: str = "pretraining"  # "pretraining" (backbone captions) or a Parquet dataset path
-    reference_rows: int = 256
-    kd_batch: int = 8  # reference rows per training step
-    coupled: bool = False  # True: every token goes through one MoE-LoRA (the coupled baseline)
-
-    def __post_init__(self) -> None:
-        if self.experts < 1 or self.rank < 1 or self.reference_rows < 1 or self.kd_batch < 1:
-            raise ValueError("mode.experts, mode.rank, mode.reference_rows and mode.kd_batch must be >= 1")
-        if self.kd_weight < 0 or self.temperature <= 0:
-            raise ValueError(f"mode.kd_weight must be >= 0 and mode.temperature > 0, got "
-                             f"{self.kd_weight}, {self.temperature}")
-
-
-@dataclass(frozen=True)
-class CMAConfig:
-    """Cross-modality MoE adapters with expert freezing (seed 002)."""
-
-    # Adapters after the last B blocks of the LM; None: after every block, as the seed does. On the
-    # built-in tiny LM (3 blocks, width 64) B=2 with width 16 learned the first task to 17% vs 42% at
-    # every block with width 64 (LoRA: 38%); the defaults are the latter.
-    blocks: int | None = None
-    experts: int = 10
-    top_k: int = 2
-    hidden: int = 64  # bottleneck width of each expert
-    freeze_threshold: float = 0.1  # freeze experts whose top-k share exceeds this after a task
-    freeze: bool = True  # False: the no-freezing ablation
-    memory: int = 200  # memory-buffer rows kept across all tasks
-    memory_batch: int = 8  # memory rows per training step
-    distill_weight: float = 1.0
-    align_weight: float = 0.1
-    preserve_weight: float = 1.0  # multiplied by sqrt(t - 1)
-    temperature: float = 2.0  # KD temperature on the logits
-    # Cosine similarities live in [-1, 1]: at T=2 their softmax is almost uniform and preservation
-    # carries no signal, so the similarity distributions get their own, sharper temperature.
-    preserve_temperature: float = 0.1
-    align_tau: float = 0.07  # InfoNCE temperature of the alignment term (the CLIP value)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= self.experts:
-            raise ValueError(f"cma.top_k must be in [1, cma.experts={self.experts}], got {self.top_k}")
-        if (self.blocks is not None and self.blocks < 1) or min(self.hidden, self.memory, self.memory_batch) < 1:
-            raise ValueError("cma.blocks (or null), cma.hidden, cma.memory and cma.memory_batch must be >= 1")
-        _check_unit(self.freeze_threshold, "cma.freeze_threshold")
-        _check_positive(self, "cma", at_least_zero=("distill_weight", "align_weight", "preserve_weight"),
-                        above_zero=("temperature", "preserve_temperature", "align_tau"))
-
-
-@dataclass(frozen=True)
-class EWCConfig:
-    """Elastic weight consolidation on the adapter parameters (diagonal Fisher)."""
-
-    weight: float = 100.0  # lambda in lambda/2 * sum F (theta - theta_old)^2
-    fisher_rows: int = 256  # train rows whose squared gradients estimate the Fisher
-    fisher_batch: int = 8
-
-    def __post_init__(self) -> None:
-        _check_positive(self, "ewc", at_least_zero=("weight",), above_zero=("fisher_rows", "fisher_batch"))
-
-
-@dataclass(frozen=True)
-class LwFConfig:
-    """Learning without forgetting: KD from the previous task's model on the current inputs."""
-
-    weight: float = 1.0
-    temperature: float = 2.0
-
-    def __post_init__(self) -> None:
-        _check_positive(self, "lwf", at_least_zero=("weight",), above_zero=("temperature",))
 
 
 @dataclass(frozen=True)
@@ -250,7 +134,7 @@ class TrainConfig:
             raise ValueError(f"train.cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         if self.lr < 0:  # lr = 0 is allowed: a sweep's known-bad control trains nothing
             raise ValueError(f"train.lr must be >= 0, got {self.lr}")
-        _check_positive(self, "train", at_least_zero=("max_failures", "checkpoint_every", "weight_decay",
+        check_positive(self, "train", at_least_zero=("max_failures", "checkpoint_every", "weight_decay",
                                                        "max_grad_norm"))
         for key, amount in self.resources_per_worker.items():
             if key in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount <= 0:
@@ -274,7 +158,7 @@ GATE_MODES = ("enforce", "report")
 
 @dataclass(frozen=True)
 class GateConfig:
-    """The promotion gate on `val` (DESIGN §2): a floor, a forgetting ceiling and a KL bound."""
+    """The promotion gate on `val` (docs/ARCHITECTURE.md): a floor, a forgetting ceiling and a KL bound."""
 
     mode: str = "enforce"  # enforce: a failing candidate is rejected; report: recorded, promoted anyway
     floor: float = 0.0  # new task val accuracy (%) must reach this ...
@@ -317,30 +201,37 @@ class RunConfig:
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
-    replay_per_task: int = 100  # reservoir size kept per task by replay (and DGG with replay)
-    decoupled: DecoupledConfig = field(default_factory=DecoupledConfig)
-    dgg: DGGConfig = field(default_factory=DGGConfig)
-    mode: MoDEConfig = field(default_factory=MoDEConfig)
-    cma: CMAConfig = field(default_factory=CMAConfig)
-    ewc: EWCConfig = field(default_factory=EWCConfig)
-    lwf: LwFConfig = field(default_factory=LwFConfig)
+    options: dict[str, Any] = field(default_factory=dict)  # strategy name -> its options dataclass
     n_train: int = 1000  # built-in benchmark sizes (ignored when `data` is given)
     n_val: int = 100
     n_test: int = 500
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
+        from strata import strategies  # the registry imports a strategy's module only when asked
+
         if not self.strategies:
             raise ValueError("at least one strategy is needed")
         for s in self.strategies:
-            if s not in STRATEGIES:
-                raise ValueError(f"unknown strategy {s!r}; known: {sorted(STRATEGIES)}")
+            if s not in strategies.names():
+                raise ValueError(f"unknown strategy {s!r}; known: {strategies.names()}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
         check_name(self.stream, "stream name")
-        if "decoupled" in self.strategies and self.adapter.kind not in MULTI_ADAPTER_KINDS:
-            raise ValueError(f"strategy 'decoupled' keeps one adapter per task on one model, which only "
-                             f"{MULTI_ADAPTER_KINDS} support; adapter.kind is {self.adapter.kind!r}")
+        for name, opts in self.options.items():
+            expected = strategies.get(name).options
+            if expected is None or not isinstance(opts, expected):
+                raise ValueError(f"options of strategy {name!r} must be a {getattr(expected, '__name__', 'None')}, "
+                                 f"got {type(opts).__name__}")
+
+    def options_for(self, strategy: str) -> Any:
+        """The options of `strategy`: what the config set, else that strategy's defaults."""
+        if strategy in self.options:
+            return self.options[strategy]
+        from strata import strategies
+
+        options = strategies.get(strategy).options
+        return options() if options is not None else None
 
     def hash(self) -> str:
         """A short content hash of the whole config, for manifests and lineage."""
@@ -362,6 +253,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Fill a (possibly nested) config dataclass from a mapping; unknown keys are an error."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    if cls is RunConfig:
+        data = strategy_options(data, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -374,6 +267,35 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             kwargs[key] = from_dict(nested, value or {}, f"{where}.{key}")  # `train:` alone = defaults
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
+        elif key == "options" and cls is RunConfig:
+            kwargs[key] = value
         else:
             kwargs[key] = value
     return cls(**kwargs)
+
+
+def strategy_options(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Move each strategy's section (`dgg: {...}`) and claimed top-level keys (`replay_per_task`)
+    from a run-config mapping into `options`, filled and validated by that strategy's class."""
+    from strata import strategies
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"options"}
+    extra = [k for k in data if k not in fields]
+    if not extra:
+        return data
+    entries = {e.name: e for e in strategies.load_all()}
+    claimed = {key: [e for e in entries.values() if key in e.aliases] for e in entries.values() for key in e.aliases}
+    unknown = sorted(k for k in extra if not (k in entries and entries[k].options) and k not in claimed)
+    if unknown:
+        known = sorted(fields | {n for n, e in entries.items() if e.options} | set(claimed))
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {known}")
+    sections = {}
+    for k in (k for k in extra if k in entries):
+        if data[k] is not None and not isinstance(data[k], dict):
+            raise ValueError(f"{where}.{k} must be a mapping, got {type(data[k]).__name__}")
+        sections[k] = dict(data[k] or {})
+    for key in (k for k in extra if k in claimed):
+        for entry in claimed[key]:
+            sections.setdefault(entry.name, {}).setdefault(entry.aliases[key], data[key])  # its own section wins
+    options = {name: from_dict(entries[name].options, values, f"{where}.{name}") for name, values in sections.items()}
+    return {**{k: v for k, v in data.items() if k in fields}, "options": options}

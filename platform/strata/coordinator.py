@@ -1,8 +1,10 @@
 """The stream coordinator: one named, detached Ray actor per stream that owns its continual state.
 
-It keeps the task timeline (arrived → training → evaluated → promoted | rejected, or failed), and
-for each strategy the pointers to the task optima θ*, the CMA expert-freeze masks, the replay
-index and the adapter versions. Tensors stay in storage; the actor keeps paths and content hashes.
+It keeps the task timeline (arrived → training → evaluated → promoted | rejected, or failed), the
+adapter versions, and for each promoted task the state records its strategy named through the
+`state_records` hook: the task optimum θ* (its adapter) and whatever else defines the strategy
+(freeze masks, replay reservoirs, a Fisher, a router), each as a path and a content hash. The
+coordinator does not know what a record means; tensors and rows stay in storage.
 Every change is written to `<storage>/<stream>/coordinator.json` (temp file, then rename) before
 the call returns, so a restarted actor (`max_restarts=-1`) reloads exactly what was acknowledged.
 Calls are idempotent per owner because Ray retries a call that was in flight when the actor died.
@@ -16,6 +18,7 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from strata.config import check_name
@@ -44,7 +47,7 @@ class StreamState:
         if self.reloaded:
             self.state = read_json(self.fs, self.path)
         else:
-            self.state = {"stream": stream, "schema": 1, "strategies": {}}
+            self.state = {"stream": stream, "schema": 2, "strategies": {}}
         self.started = time.time()
 
     # ---- reading --------------------------------------------------------------------------
@@ -105,7 +108,7 @@ class StreamState:
         return dict(entry)
 
     def commit_task(self, strategy: str, task: str, owner: str, status: str, record: dict) -> dict:
-        """Finish a task: promoted (with its optimum, freeze masks, replay index, adapter version) or rejected."""
+        """Finish a task: promoted (with its adapter version and state records) or rejected."""
         if status not in FINAL:
             raise ValueError(f"commit_task needs one of {FINAL}, got {status!r}")
         entry = self._owned(strategy, task, owner)
@@ -116,9 +119,7 @@ class StreamState:
             adapter = record["adapter"]
             entry["version"] = adapter["version"]  # allocated by next_version before the push
             s["adapters"].setdefault(adapter["name"], []).append({**adapter, "task": task})
-            s["optima"][task] = adapter  # θ* for the next task is this task's end state
-            s["freeze"] = record.get("freeze", s["freeze"])
-            s["replay"] = record.get("replay", s["replay"])
+            s.setdefault("records", {})[task] = record.get("records", {})  # θ* and the strategy's state after this task
         entry.update({k: v for k, v in record.items() if k in ("accuracy", "metrics", "reasons")})
         self._mark(entry, status)
         self._save()
@@ -148,7 +149,7 @@ class StreamState:
     # ---- internals ---------------------------------------------------------------------------
     def _strategy(self, strategy: str) -> dict:
         return self.state["strategies"].setdefault(
-            strategy, {"timeline": [], "optima": {}, "freeze": {}, "replay": {}, "adapters": {}})
+            strategy, {"timeline": [], "records": {}, "adapters": {}})
 
     def _entry(self, strategy: str, task: str) -> dict | None:
         return next((e for e in self._strategy(strategy)["timeline"] if e["task"] == task), None)
@@ -174,6 +175,11 @@ class StreamState:
 
     def _save(self) -> None:
         write_json(self.fs, self.path, self.state)
+
+
+def default_storage(out: str | Path, storage: str | None = None) -> str:
+    """Where a stream's coordinator state lives: `storage` if set, else `<out>/coordinator`."""
+    return storage or str(Path(out).resolve() / "coordinator")
 
 
 def actor_name(stream: str, storage: str) -> str:

@@ -19,16 +19,15 @@ from rich.table import Table
 
 from strata.arrival import StrategyStream, eval_model, evaluate_all, learn_task
 from strata.atomic import write_text
-from strata.backbone.load import load_backbone, resolve
+from strata.backbone.load import resolve, shared_backbone
 from strata.config import RunConfig, check_name
 from strata.data.collate import encode_table
 from strata.data.schema import load_dataset, read_table, write_table
 from strata.eval.metrics import summarize
-from strata.eval.plots import plot_accuracy_matrix
-from strata.eval.report import matrix_table
+from strata.eval.report import matrix_table, save_results
+from strata.hooks import TaskContext
 from strata.pipeline import coordinator, split
 from strata.registry import Ref
-from strata.strategies.base import TaskContext
 from strata.train.driver import init_ray
 
 
@@ -63,7 +62,7 @@ def arrive(cfg: RunConfig, strategy: str, task: str, dataset: Path, console: Con
     tasks = [*s.learned(), task]
     console.log(f"{strategy}: task {task!r} arrives as number {len(tasks)} of stream {cfg.stream!r}")
     train_paths = {t: str(data_dir(cfg) / f"{t}.train.parquet") for t in tasks}
-    _, processor = load_backbone(cfg.backbone, s.backbone_path)
+    _, processor = shared_backbone(cfg.backbone, s.backbone_path)
     vals = {t: split(read_table(data_dir(cfg) / f"{t}.parquet"), "val") for t in tasks}
     results, trained = learn_task(s, task, train_paths, test_sets(cfg, processor, tasks), vals)
     entry = next(e for e in s.coord.timeline(strategy) if e["task"] == task)
@@ -90,12 +89,10 @@ def write_metrics(s: StrategyStream, console: Console) -> dict:
         for i, other in enumerate(tasks[: t + 1]):
             R[t, i] = entry["accuracy"][other]
     sizes = [len(split(pq.read_table(data_dir(s.cfg) / f"{t}.parquet", columns=["split"]), "test")) for t in tasks]
-    matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]
-    metrics = {"strategy": s.name, "stream": s.cfg.stream, "tasks": tasks, "accuracy_matrix": matrix,
-               "versions": [e.get("version") for e in entries], **summarize(R, sizes)}
-    write_text(s.out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-    plot_accuracy_matrix(R, tasks, s.out / "accuracy_matrix.png", title=f"{s.name}: accuracy (%)")
-    console.print(matrix_table(matrix, tasks, f"{s.name} on stream {s.cfg.stream}: R[t][i] (%)"))
+    metrics = save_results(s.out, s.name, R, tasks, {"stream": s.cfg.stream,
+                                                     "versions": [e.get("version") for e in entries],
+                                                     **summarize(R, sizes)})
+    console.print(matrix_table(metrics["accuracy_matrix"], tasks, f"{s.name} on stream {s.cfg.stream}: R[t][i] (%)"))
     return metrics
 
 
@@ -110,7 +107,7 @@ def evaluate(cfg: RunConfig, strategy: str, version: int | None = None, console:
     tasks = s.learned()
     if not tasks:
         raise ValueError(f"{strategy!r} has learned no task in stream {cfg.stream!r} yet")
-    ctx = TaskContext(len(tasks) - 1, tasks[-1], tuple(tasks[:-1]), {}, str(s.state_dir), cfg.seed)
+    ctx = s.served_context()
     with tempfile.TemporaryDirectory() as tmp:
         if version is not None:
             ctx = pinned(s, ctx, version, Path(tmp))

@@ -7,7 +7,6 @@ bookkeeping → registry push → gate → promote or reject. The same code runs
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import platform as py_platform
 import shutil
@@ -27,14 +26,14 @@ from strata.arrival import StrategyStream, evaluate_all, learn_task
 from strata.atomic import write_text
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import RunConfig, check_name
-from strata.coordinator import Coordinator
+from strata.coordinator import Coordinator, default_storage
 from strata.data.benchmark import TASKS, write_benchmark
 from strata.data.collate import Encoded, encode_table
 from strata.data.schema import load_dataset, write_table
+from strata.digest import file_sha256
 from strata.eval.evaluate import TaskResult
 from strata.eval.metrics import summarize
-from strata.eval.plots import plot_accuracy_matrix
-from strata.eval.report import comparison_table, matrix_table
+from strata.eval.report import comparison_table, matrix_table, save_results
 from strata.eval.scoring import SCORER_VERSION
 from strata.train.driver import init_ray
 
@@ -62,10 +61,6 @@ def split(table: pa.Table, name: str) -> pa.Table:
     """Rows of one split."""
     return table.filter(pc.equal(table["split"], name))
 
-
-def sha256(path: Path) -> str:
-    """Content hash of a file, for the run manifest."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict[str, pa.Table],
@@ -96,18 +91,16 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
             on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]], base[: t + 1]))
 
     sizes = [len(tests[t]) for t in tasks]
-    matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]  # JSON has no NaN
-    metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, "test_sizes": sizes,
-               "base_accuracy": base, "scorer_version": SCORER_VERSION, "training": training,
-               **summarize(R, sizes, base)}
     timeline = coord.timeline(name)
-    metrics["gate"] = {"mode": cfg.gate.mode, "failed": [e["task"] for e in timeline if not e.get("gate", {}).get("passed", True)],
-                       "rejected": [e["task"] for e in timeline if e["status"] == "rejected"]}
+    extra = {"test_sizes": sizes, "base_accuracy": base, "scorer_version": SCORER_VERSION, "training": training,
+             **summarize(R, sizes, base),
+             "gate": {"mode": cfg.gate.mode,
+                      "failed": [e["task"] for e in timeline if not e.get("gate", {}).get("passed", True)],
+                      "rejected": [e["task"] for e in timeline if e["status"] == "rejected"]}}
     if not s.strategy.shared:
         routed = [r for r in predictions if r["after_task"] == tasks[-1]]
-        metrics["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)
-    write_text(s.out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-    plot_accuracy_matrix(R, tasks, s.out / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
+        extra["router_accuracy"] = 100.0 * sum(r["adapter"] == r["task"] for r in routed) / len(routed)
+    metrics = save_results(s.out, name, R, tasks, extra)
     write_table(pa.Table.from_pylist(predictions), s.out / "predictions.parquet")
     write_text(s.out / "manifest.json", json.dumps(manifest(cfg, files, backbone_path, name), indent=2))
     return metrics
@@ -141,14 +134,13 @@ def manifest(cfg: RunConfig, files: dict[str, Path], backbone_path: Path, strate
         "versions": {p: metadata.version(p) for p in _VERSIONED},
         "backbone": {"source": cfg.backbone.source, "path": str(backbone_path),
                      "fingerprint": fingerprint(backbone_path)},
-        "data": {task: sha256(path) for task, path in files.items()},
+        "data": {task: file_sha256(path) for task, path in files.items()},
     }
 
 
 def coordinator(cfg: RunConfig) -> Coordinator:
     """The stream's coordinator: the detached Ray actor with the Ray executor, else in-process."""
-    storage = cfg.storage or str(Path(cfg.out).resolve() / "coordinator")
-    return Coordinator(cfg.stream, storage, use_ray=cfg.train.executor == "ray")
+    return Coordinator(cfg.stream, default_storage(cfg.out, cfg.storage), use_ray=cfg.train.executor == "ray")
 
 
 def run(cfg: RunConfig, console: Console | None = None, on_task: TaskCallback | None = None) -> dict[str, dict]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from strata.adapters import custom
 from strata.adapters.lora import TEXT
-from strata.config import AdapterSpec, MoDEConfig
+from strata.config import AdapterSpec
 
 KIND = "mode"  # the side file's kind
 VERSION = 1  # bump when the side-file layout changes
@@ -50,8 +50,8 @@ class ModalityLoRAConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
-    def from_options(cls, opts: MoDEConfig, spec: AdapterSpec) -> ModalityLoRAConfig:
-        """The layer config of a MoDE run: expert shapes from `opts`, scaling and dropout from `spec`."""
+    def from_options(cls, opts, spec: AdapterSpec) -> ModalityLoRAConfig:
+        """The layer config of a MoDE run: expert shapes from MoDE's `opts`, scaling and dropout from `spec`."""
         return cls(opts.experts, opts.rank, spec.alpha_ratio, spec.dropout, opts.coupled)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -71,6 +73,24 @@ def load_backbone(spec: BackboneSpec, path: Path | None = None, device: torch.de
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return freeze(model), processor
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded(spec: BackboneSpec, path: Path):
+    return load_backbone(spec, path)
+
+
+def shared_backbone(spec: BackboneSpec, path: Path):
+    """(model, processor) over the weights this process loaded once, on the CPU.
+
+    Every call returns a new module tree whose frozen parameters and buffers are the same tensors
+    (deepcopy with those tensors in the memo): adapters attach to one copy alone, so a candidate
+    and the state it would replace sit side by side for the price of one backbone in memory and
+    one read from disk. The weights are frozen and never written, so sharing them is safe.
+    """
+    model, processor = _loaded(spec, Path(path))
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo), processor
 
 
 def _load_quantized(path: Path, mode: str, device: torch.device) -> torch.nn.Module:

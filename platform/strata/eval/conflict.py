@@ -25,11 +25,11 @@ from rich.table import Table
 
 from strata.adapters import modality_lora as ml
 from strata.backbone.load import load_backbone
-from strata.config import AdapterSpec, BackboneSpec, MoDEConfig, TrainConfig
+from strata.config import AdapterSpec, BackboneSpec, TrainConfig
 from strata.data.collate import collate, encode_table
-from strata.strategies.base import TaskContext
-from strata.strategies.distill import kd_loss
-from strata.strategies.mode import MoDE
+from strata.hooks import TaskContext
+from strata.losses import kd_loss
+from strata.strategies.mode import MoDE, MoDEConfig
 from strata.train.loop import train_task
 
 KINDS = ("mode", "coupled")

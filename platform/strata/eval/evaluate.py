@@ -1,4 +1,5 @@
-"""Accuracy by generation: greedy answers for a task's rows, scored by the task's scorer."""
+"""Accuracy by generation: greedy answers for a task's rows (strata/generation.py, the path serving
+uses), scored by the task's scorer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from strata.data.collate import Encoded, collate
+from strata.data.collate import Encoded
 from strata.eval.scoring import score, scorer_for
+from strata.generation import generate
 
 
 @dataclass(frozen=True)
@@ -33,30 +35,6 @@ def active_adapter(model: torch.nn.Module, name: str | None):
         yield model
 
 
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module,
-    processor,
-    enc: Encoded,
-    batch_size: int = 256,
-    max_new_tokens: int = 16,
-) -> list[str]:
-    """Greedy answers for every row, with whatever adapter is active."""
-    tok = processor.tokenizer
-    answers: list[str] = []
-    for start in range(0, len(enc), batch_size):
-        idx = list(range(start, min(start + batch_size, len(enc))))
-        batch = collate(enc.select(idx), tok.pad_token_id, left_pad=True)
-        batch.pop("labels")
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )
-        new = out[:, batch["input_ids"].shape[1] :]  # (B, new tokens)
-        answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
-    return answers
-
-
 def evaluate_task(
     model: torch.nn.Module,
     processor,
@@ -75,8 +53,8 @@ def evaluate_task(
     for name in dict.fromkeys(adapter_names):
         idx = [i for i, a in enumerate(adapter_names) if a == name]
         with active_adapter(model, name):
-            out = generate(model, processor, enc.select(idx), batch_size, budget)
-        for i, p in zip(idx, out):
-            preds[i] = p
+            out = generate(model, processor, enc.select(idx), budget, batch_size=batch_size)
+        for i, g in zip(idx, out):
+            preds[i] = g.text
     scores = score(preds, enc.answers, kind)
     return TaskResult(100.0 * sum(scores) / len(scores), kind, preds, scores, list(adapter_names))

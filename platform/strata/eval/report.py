@@ -1,14 +1,20 @@
-"""Terminal tables for the accuracy matrix and for comparing strategies."""
+"""Results of a stream: terminal tables for the accuracy matrix and the comparison, and the files
+(metrics.json and the heat map) that `strata run` and an open stream both write."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.table import Table
 
+from strata.atomic import write_text
 from strata.eval.metrics import Matrix, to_array
+from strata.eval.plots import plot_accuracy_matrix
 
 MISSING = "—"
 
@@ -66,3 +72,15 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
                      + (" (kept)" if gate.get("mode") == "report" and gate.get("failed") else ""))
         table.add_row(str(name), *cells)
     return table
+
+
+def save_results(out: Path, name: str, R: np.ndarray, tasks: list[str], metrics: dict) -> dict:
+    """Write `<out>/metrics.json` (R with NaN as null, strict JSON) and `<out>/accuracy_matrix.png`.
+
+    Returns `metrics` with `tasks` and `accuracy_matrix` filled in, as written.
+    """
+    matrix = [[None if np.isnan(x) else float(x) for x in row] for row in R]  # JSON has no NaN
+    metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, **metrics}
+    write_text(Path(out) / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    plot_accuracy_matrix(R, tasks, Path(out) / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
+    return metrics

@@ -12,7 +12,6 @@ source of truth for what is served.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from strata.config import check_name
+from strata.digest import sha256
 from strata.registry.card import BackboneInfo, IncompatibleAdapter, check_compatible
 from strata.storage import exists, open_storage, read_bytes, read_json, write_bytes, write_json
 
@@ -66,11 +66,6 @@ def parse_id(text: str, default_stream: str | None = None) -> tuple[str, str, in
     if stream is None:
         raise RegistryError(f"adapter id {text!r} names no stream: expected <stream>/<adapter>[@v<N>]")
     return check_name(stream, "stream name"), check_name(adapter, "adapter name"), int(version) if version else None
-
-
-def sha256(data: bytes) -> str:
-    """The hex SHA-256 of some bytes."""
-    return hashlib.sha256(data).hexdigest()
 
 
 class Registry:

@@ -1,6 +1,6 @@
 """AdapterHost: one frozen backbone, an LRU of registry adapters, mixed-adapter batched generation.
 
-A request names a serving id (DESIGN §2): `<stream>/<adapter>@v<N>`, `<stream>/<adapter>` (its
+A request names a serving id (docs/ARCHITECTURE.md): `<stream>/<adapter>@v<N>`, `<stream>/<adapter>` (its
 production version, looked up on every request, so a promotion or a rollback is served on the
 next one), a bare `<adapter>` in the default stream, or `<stream>/auto` (the Decoupled router,
 rebuilt from the production versions' prototypes). Adapters come hash-checked from the registry.
@@ -22,10 +22,11 @@ from strata.adapters.lora import load_adapter
 from strata.backbone.features import pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import BackboneSpec
-from strata.data.collate import collate, encode_table
+from strata.data.collate import encode_table
+from strata.generation import generate
 from strata.registry import Ref, Registry, RegistryError, parse_id
+from strata.routing import ROUTER_FILE, PrototypeRouter
 from strata.serving.mixed_lora import MixedLoRA
-from strata.strategies.decoupled import ROUTER_FILE, PrototypeRouter
 
 
 class UnknownAdapter(LookupError):
@@ -190,15 +191,13 @@ class AdapterHost:
                 for i, ref in enumerate(refs):
                     files = self.registry.verify(ref)
                     if ROUTER_FILE in files:
-                        # One file each: safetensors maps the file, so overwriting it would change loaded tensors.
                         (Path(tmp) / str(i)).mkdir()
                         (Path(tmp) / str(i) / ROUTER_FILE).write_bytes(files[ROUTER_FILE])
-                        found.append((ref.adapter, PrototypeRouter.load(str(Path(tmp) / str(i)))))
+                        found.append(PrototypeRouter.load(Path(tmp) / str(i)))
             if not found:
                 raise UnknownAdapter(f"stream {stream!r} has no production adapter with a router prototype; "
                                      "`auto` needs Decoupled adapters")
-            self.routers = {key: PrototypeRouter([a for a, _ in found], *(torch.cat([getattr(r, k) for _, r in found])
-                                                                         for k in ("means", "scatters", "counts")))}
+            self.routers = {key: PrototypeRouter.merge(found)}
         return self.routers[key]
 
     def _fitting(self, rows: list[int], refs: list[Ref]) -> list[list[int]]:
@@ -211,20 +210,8 @@ class AdapterHost:
                 chunks.append([i])
         return chunks
 
-    @torch.no_grad()
     def _generate(self, enc, names: list[str], requests: list[Request],
                   temperature: float) -> list[tuple[str, list[int], str]]:
-        tok = self.processor.tokenizer
-        batch = collate(enc, tok.pad_token_id, left_pad=True)
-        batch.pop("labels")
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with self.mixed.select(names) as model:
-            out = model.generate(**batch, max_new_tokens=max(r.max_tokens for r in requests),
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **sampling)
-        results = []
-        for row, r in zip(out[:, batch["input_ids"].shape[1]:].tolist(), requests):
-            row = row[: r.max_tokens]
-            stop = tok.eos_token_id in row
-            row = row[: row.index(tok.eos_token_id)] if stop else row
-            results.append((tok.decode(row, skip_special_tokens=True).strip(), row, "stop" if stop else "length"))
-        return results
+            out = generate(model, self.processor, enc, [r.max_tokens for r in requests], temperature)
+        return [(g.text, g.tokens, g.finish_reason) for g in out]

@@ -1,4 +1,6 @@
-"""DGG, dynamic gradient guidance (seed 004): pull the shared adapter back toward θ* at random steps.
+"""DGG, dynamic gradient guidance: pull the shared adapter back toward θ* at random steps.
+
+After "Multimodal Continual Instruction Tuning with Dynamic Gradient Guidance" (CVPR 2026).
 
 Forgetting is read as the missing gradient of the earlier tasks. The displacement θ − θ*, where
 θ* is the adapter as task t−1 left it, stands in for that gradient. With probability α per
@@ -16,10 +18,11 @@ import pyarrow as pa
 import torch
 
 from strata.adapters.lora import trainable_parameters
-from strata.config import DGGConfig
-from strata.strategies.base import TaskContext
+from strata.config import check_unit
+from strata.grads import Grads
+from strata.hooks import TaskContext
+from strata.strategies import register
 from strata.strategies.replay import Replay
-from strata.train.grads import Grads
 
 Norm = Callable[[list[torch.Tensor | None]], torch.Tensor]
 
@@ -51,12 +54,37 @@ def draw_seed(seed: int, task_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+@dataclass(frozen=True)
+class DGGConfig:
+    """Options of DGG; `bernoulli`, `scaling` and `replay` switch off the parts the paper ablates."""
+
+    per_task: int = 100  # replay rows kept per task (the run-config key `replay_per_task` sets it too)
+    alpha: float | tuple[float, ...] = 0.2  # injection probability, constant or one per task
+    bernoulli: bool = True  # False: inject the guidance every step
+    scaling: bool = True  # False: never rescale (theta - theta*) to the gradient's norm
+    replay: bool = True  # False: guidance only ("g-hat only"), no replay rows
+
+    def __post_init__(self) -> None:
+        if self.per_task < 1:
+            raise ValueError(f"dgg.per_task must be >= 1, got {self.per_task}")
+        for i, a in enumerate(self.alpha if isinstance(self.alpha, tuple) else (self.alpha,)):
+            check_unit(a, f"dgg.alpha[{i}]" if isinstance(self.alpha, tuple) else "dgg.alpha")
+        if isinstance(self.alpha, tuple) and not self.alpha:
+            raise ValueError("dgg.alpha as a per-task list needs at least one value")
+
+    def alpha_for(self, task_index: int) -> float:
+        """The injection probability for task `task_index` (a per-task list repeats its last value)."""
+        if isinstance(self.alpha, tuple):
+            return self.alpha[min(task_index, len(self.alpha) - 1)]
+        return self.alpha
+
+
+@register("dgg", DGGConfig, aliases={"replay_per_task": "per_task"})
 @dataclass
 class DGG(Replay):
     """One shared adapter, replay rows (optional) and Bernoulli(α)-gated guidance toward θ*."""
 
     opts: DGGConfig = field(default_factory=DGGConfig)
-    name = "dgg"
 
     def __post_init__(self) -> None:
         self.anchor: list[torch.Tensor] | None = None  # θ*, aligned with trainable_parameters(model)
@@ -70,10 +98,10 @@ class DGG(Replay):
         """Current rows plus the replay reservoir, or only the current rows for ĝ-only DGG."""
         return super().training_table(ctx, current) if self.opts.replay else current
 
-    def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
+    def after_task(self, ctx: TaskContext, train: pa.Table) -> None:
         """Keep Replay's reservoir of this task's rows (nothing is kept for ĝ-only DGG)."""
         if self.opts.replay:
-            super().after_task(ctx, train, model, processor)
+            super().after_task(ctx, train)
 
     # ---- worker side -----------------------------------------------------------------------
     def before_task(self, backbone: torch.nn.Module, processor, ctx: TaskContext) -> torch.nn.Module:

@@ -1,6 +1,6 @@
 """EWC: a diagonal-Fisher penalty that keeps the shared adapter near its state after earlier tasks.
 
-Two hooks, as in Avalanche: after a task the driver estimates the Fisher of the adapter's
+Two hooks, as in Avalanche: after a task the worker estimates the Fisher of the adapter's
 parameters on that task's rows (added to the Fisher of earlier tasks); during training the loss
 gains λ/2 · Σ F·(θ − θ_old)².
 """
@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from strata.adapters.lora import named_adapter_parameters
 from strata.atomic import write_file
-from strata.config import EWCConfig
+from strata.config import check_positive
 from strata.data.collate import collate, encode_table
-from strata.strategies.base import Strategy, TaskContext
+from strata.hooks import Strategy, TaskContext
+from strata.strategies import register
 
 STATE_FILE = "ewc.safetensors"
 
@@ -84,20 +85,32 @@ def load_state(state_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return fisher, theta
 
 
+@dataclass(frozen=True)
+class EWCConfig:
+    """Elastic weight consolidation on the adapter parameters (diagonal Fisher)."""
+
+    weight: float = 100.0  # lambda in lambda/2 * sum F (theta - theta_old)^2
+    fisher_rows: int = 256  # train rows whose squared gradients estimate the Fisher
+    fisher_batch: int = 8
+
+    def __post_init__(self) -> None:
+        check_positive(self, "ewc", at_least_zero=("weight",), above_zero=("fisher_rows", "fisher_batch"))
+
+
+@register("ewc", EWCConfig)
 @dataclass
 class EWC(Strategy):
     """One shared adapter; the Fisher of every earlier task anchors it to its previous state."""
 
     opts: EWCConfig = field(default_factory=EWCConfig)
-    name = "ewc"
 
     def __post_init__(self) -> None:
         self.params: dict[str, torch.nn.Parameter] = {}  # worker side: the trainable params by name
         self.fisher: dict[str, torch.Tensor] | None = None
         self.theta_old: dict[str, torch.Tensor] = {}
 
-    def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
-        """Add this task's Fisher to the running sum and store it with the adapter it protects."""
+    def finish_task(self, model: torch.nn.Module, processor, ctx: TaskContext, train: pa.Table, dest: Path) -> None:
+        """Add this task's Fisher (on the trained model) to the running sum, with the adapter it protects."""
         adapter = self.adapter_name(ctx)
         fisher = estimate_fisher(model, processor, train.slice(0, self.opts.fisher_rows), adapter,
                                  self.opts.fisher_batch)
@@ -108,7 +121,11 @@ class EWC(Strategy):
                 raise ValueError(f"stored EWC Fisher in {ctx.state_dir} does not match adapter {adapter!r}")
             fisher = {n: old[n] + f for n, f in fisher.items()}
         theta = {n: p.detach().clone() for n, p in named_adapter_parameters(model, adapter).items()}
-        save_state(ctx.state_dir, fisher, theta)
+        save_state(dest, fisher, theta)
+
+    def state_records(self, ctx: TaskContext) -> dict[str, Path]:
+        """The adapter, and the summed Fisher with θ_old."""
+        return super().state_records(ctx) | {"fisher": Path(ctx.state_dir) / STATE_FILE}
 
     def before_task(self, backbone: torch.nn.Module, processor, ctx: TaskContext) -> torch.nn.Module:
         """Load the previous shared adapter trainable, and F and θ_old if an earlier task left them."""

@@ -10,17 +10,29 @@ from dataclasses import dataclass, field
 
 import torch
 
-from strata.config import LwFConfig
-from strata.strategies.base import Strategy, TaskContext
-from strata.strategies.distill import forward_with, kd_loss, snapshot, target_mask
+from strata.config import check_positive
+from strata.hooks import Strategy, TaskContext
+from strata.losses import forward_with, kd_loss, snapshot, target_mask
+from strata.strategies import register
 
 
+@dataclass(frozen=True)
+class LwFConfig:
+    """Learning without forgetting: KD from the previous task's model on the current inputs."""
+
+    weight: float = 1.0
+    temperature: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_positive(self, "lwf", at_least_zero=("weight",), above_zero=("temperature",))
+
+
+@register("lwf", LwFConfig)
 @dataclass
 class LwF(Strategy):
     """One shared adapter trained with CE + weight · KL(previous model ‖ current model)."""
 
     opts: LwFConfig = field(default_factory=LwFConfig)
-    name = "lwf"
 
     def __post_init__(self) -> None:
         self.teacher: dict[str, torch.Tensor] | None = None  # worker side: previous adapter, by name

@@ -1,4 +1,7 @@
-"""MoDE (seed 001): modality-decoupled experts, one shared adapter evolving across tasks.
+"""MoDE: modality-decoupled experts, one shared adapter evolving across tasks.
+
+After "Mitigating Intra- and Inter-modal Forgetting in Continual Learning of Unified Multimodal
+Models" (arXiv:2512.03125).
 
 Text tokens train a T-MoE (ϕ), image tokens a V-Adapter (ψ). The task CE reaches both; the KD
 anchor KL(backbone ‖ model) on a reference set of pretraining captions reaches ψ only, because the
@@ -20,12 +23,12 @@ import torch
 
 from strata.adapters import custom
 from strata.adapters import modality_lora as ml
-from strata.config import MoDEConfig
 from strata.data.benchmark import pretraining_corpus
 from strata.data.collate import Encoded, collate, encode_table
 from strata.data.schema import read_table
-from strata.strategies.base import Strategy, TaskContext
-from strata.strategies.distill import kd_loss, target_mask
+from strata.hooks import Strategy, TaskContext
+from strata.losses import kd_loss, target_mask
+from strata.strategies import register
 
 
 @functools.lru_cache(maxsize=2)
@@ -64,12 +67,33 @@ def file_reference(path: str, rows: int, seed: int) -> pa.Table:
     return table.take(idx)
 
 
+@dataclass(frozen=True)
+class MoDEConfig:
+    """Options of MoDE: T-MoE experts for text tokens, a V-Adapter for image tokens, KD on a reference set."""
+
+    experts: int = 4  # LoRA experts in each T-MoE
+    rank: int = 8  # rank of every T-MoE expert and of the V-Adapter
+    kd_weight: float = 0.3  # lambda: weight of KL(teacher || student) on the reference set
+    temperature: float = 2.0
+    reference: str = "pretraining"  # "pretraining" (backbone captions) or a Parquet dataset path
+    reference_rows: int = 256
+    kd_batch: int = 8  # reference rows per training step
+    coupled: bool = False  # True: every token goes through one MoE-LoRA (the coupled baseline)
+
+    def __post_init__(self) -> None:
+        if self.experts < 1 or self.rank < 1 or self.reference_rows < 1 or self.kd_batch < 1:
+            raise ValueError("mode.experts, mode.rank, mode.reference_rows and mode.kd_batch must be >= 1")
+        if self.kd_weight < 0 or self.temperature <= 0:
+            raise ValueError(f"mode.kd_weight must be >= 0 and mode.temperature > 0, got "
+                             f"{self.kd_weight}, {self.temperature}")
+
+
+@register("mode", MoDEConfig)
 @dataclass
 class MoDE(Strategy):
     """One shared modality-routed adapter: CE into ϕ and ψ, λ·KD on reference captions into ψ only."""
 
     opts: MoDEConfig = field(default_factory=MoDEConfig)
-    name = "mode"
 
     def __post_init__(self) -> None:
         self.reference: Encoded | None = None  # worker side: the encoded reference set

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from strata.data.schema import read_table
-from strata.strategies.base import Strategy, TaskContext
+from strata.hooks import Strategy, TaskContext
+from strata.strategies import register
 
 
+@register("multitask")
 @dataclass
 class MultiTask(Strategy):
-    """Keeps training one shared adapter, each time on the union of all tasks' train rows."""
-
-    name = "multitask"
+    """One shared adapter trained on the union of every task so far: the upper bound."""
 
     def training_table(self, ctx: TaskContext, current: pa.Table) -> pa.Table:
         """All earlier tasks' train rows plus the current ones."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strata.strategies.base import Strategy
+from strata.hooks import Strategy
+from strata.strategies import register
 
 
+@register("seqlora")
 @dataclass
 class SeqLoRA(Strategy):
-    """Sequential fine-tuning of one shared LoRA adapter: every hook is the default."""
-
-    name = "seqlora"
+    """Sequential fine-tuning of one shared adapter: the baseline that forgets."""

@@ -1,7 +1,7 @@
 """Resumable training checkpoints: the adapter and strategy state only, never the backbone.
 
-A checkpoint directory holds `adapter/` (the strategy's saved adapter, on the final report) and
-`resume/`: the trainable tensors by name, the optimizer's moments, the strategy's per-task worker
+A checkpoint directory holds `adapter/` and `state/` (the strategy's saved adapter and the files
+its `finish_task` wrote, on the final report) and `resume/`: the trainable tensors by name, the optimizer's moments, the strategy's per-task worker
 state (DGG's Bernoulli stream, CMA's expert counts) and the step. Tensors are safetensors; the rest
 is JSON, so resuming never unpickles anything.
 """
@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from strata.strategies.base import Strategy
+from strata.hooks import Strategy
 
 ADAPTER = "adapter"
+STATE = "state"
 RESUME = "resume"
 
 

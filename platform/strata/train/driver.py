@@ -14,12 +14,12 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from strata.atomic import replace_dir
+from strata.atomic import replace_dir, write_file
 from strata.backbone.load import load_backbone
 from strata.config import BackboneSpec, TrainConfig
 from strata.data.schema import read_table
-from strata.strategies.base import Strategy, TaskContext
-from strata.train.checkpoint import ADAPTER
+from strata.hooks import Strategy, TaskContext
+from strata.train.checkpoint import ADAPTER, STATE
 from strata.train.loop import train_task
 
 # Ray Train's defaults poll slowly; these cut a short fit's fixed cost from ~22 s to ~9 s. The
@@ -67,14 +67,14 @@ def _worker(config: dict) -> None:
     def report(metrics: dict, ckpt: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
-    rows = read_table(job.rows_path)
+    rows, own = read_table(job.rows_path), read_table(job.ctx.train_paths[job.ctx.name])
     latest = ray.train.get_checkpoint()  # set when FailureConfig restarted the worker group
     if latest is None:
-        train_task(backbone, processor, job.strategy, job.ctx, rows, job.train, report, device=device)
+        train_task(backbone, processor, job.strategy, job.ctx, rows, job.train, report, device=device, task_rows=own)
         return
     with latest.as_directory() as ckpt:
         train_task(backbone, processor, job.strategy, job.ctx, rows, job.train, report,
-                   resume=Path(ckpt), device=device)
+                   resume=Path(ckpt), device=device, task_rows=own)
 
 
 def quiet_per_step_reports() -> None:
@@ -119,11 +119,10 @@ def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
         raise RuntimeError(f"training {job.ctx.name!r} with {job.strategy.name!r} failed") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"training {job.ctx.name!r} reported no adapter checkpoint")
-    dest = job.ctx.adapters_dir / job.strategy.adapter_name(job.ctx)
     with result.checkpoint.as_directory() as ckpt:
         if not (Path(ckpt) / ADAPTER).is_dir():
             raise RuntimeError(f"training {job.ctx.name!r} ended without its final adapter checkpoint")
-        install(Path(ckpt) / ADAPTER, dest)
+        install_outputs(Path(ckpt), job)
     return dict(result.metrics or {})
 
 
@@ -134,16 +133,25 @@ def fit_local(job: TaskJob) -> dict:
     seconds per task; everything else (loop, strategy hooks, checkpoint, install) is the Ray path's.
     """
     backbone, processor = load_backbone(job.backbone, Path(job.backbone_path))
-    dest = job.ctx.adapters_dir / job.strategy.adapter_name(job.ctx)
     final: dict = {}
 
     def report(metrics: dict, ckpt: Path | None) -> None:
         if ckpt is not None and (ckpt / ADAPTER).is_dir():
-            install(ckpt / ADAPTER, dest)
+            install_outputs(ckpt, job)
             final.update(metrics)
 
-    train_task(backbone, processor, job.strategy, job.ctx, read_table(job.rows_path), job.train, report)
+    train_task(backbone, processor, job.strategy, job.ctx, read_table(job.rows_path), job.train, report,
+               task_rows=read_table(job.ctx.train_paths[job.ctx.name]))
     return final
+
+
+def install_outputs(ckpt: Path, job: TaskJob) -> None:
+    """Put a final checkpoint's adapter and the strategy's per-task state files into the state dir."""
+    install(ckpt / ADAPTER, job.ctx.adapters_dir / job.strategy.adapter_name(job.ctx))
+    state = ckpt / STATE
+    for path in sorted(state.rglob("*")) if state.is_dir() else []:
+        if path.is_file():
+            write_file(Path(job.ctx.state_dir) / path.relative_to(state), lambda tmp, src=path: shutil.copyfile(src, tmp))
 
 
 def install(src: Path, dest: Path) -> None:

@@ -1,7 +1,7 @@
 """The per-task training loop: plain PyTorch, one function, read it top to bottom.
 
 It runs unchanged in a single process (tests) and inside each Ray Train worker: DDP when the
-process group is up, or a DeepSpeed ZeRO engine when the config asks for one (train/zero.py).
+process group is up, or a DeepSpeed ZeRO engine when the config asks for one (train/engine.py).
 Ray-specific reporting is passed in as a callback.
 """
 
@@ -21,10 +21,10 @@ import torch.distributed as dist
 from strata.adapters.lora import trainable_parameters
 from strata.config import TrainConfig
 from strata.data.collate import collate, encode_table
-from strata.strategies.base import Strategy, TaskContext
+from strata.hooks import Strategy, TaskContext
 from strata.train import zero
-from strata.train.checkpoint import ADAPTER, RESUME, load_resume, save_resume
-from strata.train.grads import Grads
+from strata.train.checkpoint import ADAPTER, RESUME, STATE, load_resume, save_resume
+from strata.train.engine import make_engine
 
 Reporter = Callable[[dict, Path | None], None]  # (metrics, checkpoint dir or None; see train/checkpoint.py)
 
@@ -63,11 +63,13 @@ def train_task(
     log_every: int = 10,
     resume: Path | None = None,
     device: torch.device | None = None,
+    task_rows: pa.Table | None = None,
 ) -> dict:
     """Train the strategy's adapter for one task and report the saved adapter; returns metrics.
 
     Every step reports its metrics; every `cfg.checkpoint_every` steps the report carries a
-    resumable checkpoint, and `resume` (a checkpoint's directory) continues from one.
+    resumable checkpoint, and `resume` (a checkpoint's directory) continues from one. `task_rows`
+    are the task's own train rows for `finish_task` (default: `rows`).
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -101,8 +103,7 @@ def train_task(
         first = done + 1
         if rank == 0:
             print(f"[{strategy.name}] {ctx.name}: resumed from the checkpoint at step {done}", flush=True)
-    engine = zero.initialize(model, opt, sched, cfg, per_rank) if cfg.zero_stage is not None else None
-    train_model = engine or (torch.nn.parallel.DistributedDataParallel(model) if distributed else model)
+    engine = make_engine(model, params, opt, sched, cfg, device, distributed, per_rank)
 
     model.train()
     started = time.time()
@@ -110,30 +111,21 @@ def train_task(
     for step in range(first, cfg.steps + 1):
         shard = batches[step - 1][rank * per_rank : (rank + 1) * per_rank]
         batch = {k: v.to(device) for k, v in collate(enc.select(shard), pad_id).items()}
-        if engine is not None and cfg.bf16:  # DeepSpeed casts the whole module to bf16
-            batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and engine is None):
+        with engine.autocast():
             # Summed CE over answer tokens / the global count; DDP and ZeRO average over ranks, hence × world.
-            outputs = train_model(**batch, output_hidden_states=strategy.needs_hidden_states,
-                                  num_items_in_batch=answer_tokens(batch, distributed))
+            outputs = engine.forward(batch, output_hidden_states=strategy.needs_hidden_states,
+                                     num_items_in_batch=answer_tokens(batch, distributed))
             loss = outputs.loss.float() * world
             extra = strategy.loss(model, batch, outputs, step)
         if extra is not None:
             loss = loss + extra
-        if engine is not None:
-            engine.backward(loss)
-        else:
-            loss.backward()
-        grads = Grads(params, zero.fragments(params) if engine is not None else None)
+        engine.backward(loss)
+        grads = engine.grads()
         strategy.after_backward(model, grads, step)
         if cfg.max_grad_norm > 0:  # after ĝ, over this rank's (all-reduced) gradients
             grads.clip(cfg.max_grad_norm)
-        if engine is not None:
-            engine.step()  # the optimizer and scheduler step; DeepSpeed clears the gradients
-        else:
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        engine.step()
+        engine.zero_grad()
 
         value = outputs.loss.item() * world  # this rank's task CE (strategy terms not included)
         loss_ema = value if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * value
@@ -141,10 +133,8 @@ def train_task(
             print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}", flush=True)
         if step == cfg.steps:
             break
-        metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": sched.get_last_lr()[0],
-                   **strategy.metrics()}
-        # Under ZeRO the optimizer state is partitioned: a restarted group restarts the task instead.
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and engine is None:
+        metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": engine.lr(), **strategy.metrics()}
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and engine.resumable:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
                     save_resume(Path(tmp) / RESUME, model, opt, strategy, step, loss_ema)
@@ -164,6 +154,8 @@ def train_task(
         **strategy.metrics(),
     }
     with tempfile.TemporaryDirectory() as tmp, zero.gathered(params, cfg.zero_stage):
+        # Every rank runs finish_task (under ZeRO-3 a forward needs them all); rank 0's files are kept.
+        strategy.finish_task(model, processor, ctx, rows if task_rows is None else task_rows, Path(tmp) / STATE)
         if rank == 0:
             strategy.save(model, ctx, Path(tmp) / ADAPTER)
         report(final, Path(tmp) if rank == 0 else None)

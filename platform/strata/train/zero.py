@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from strata.config import TrainConfig
-from strata.train.grads import Fragment
+from strata.grads import Fragment
 
 
 def initialize(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, cfg: TrainConfig, per_rank: int):

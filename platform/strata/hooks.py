@@ -1,4 +1,5 @@
-"""The hook protocol every continual-learning strategy plugs into.
+"""The hook protocol every continual-learning strategy plugs into (docs/ARCHITECTURE.md lists
+where each hook is called).
 
 Driver-side hooks run in the process that orchestrates the stream; worker-side hooks run inside
 the training loop on every Ray Train worker. The optimizer step, DDP and reporting stay in the
@@ -18,7 +19,8 @@ import torch
 
 from strata.adapters.lora import add_adapter, load_adapter, save_adapter
 from strata.config import AdapterSpec
-from strata.train.grads import Grads
+from strata.digest import file_sha256, tree_sha256
+from strata.grads import Grads
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,19 @@ class Strategy:
         """The rows this task trains on (replay and multitask mix in earlier data)."""
         return current
 
-    def after_task(self, ctx: TaskContext, train: pa.Table, model, processor) -> None:
-        """Update strategy state once the task's adapter is trained and installed."""
+    def after_task(self, ctx: TaskContext, train: pa.Table) -> None:
+        """Update strategy state once the task's adapter (and what `finish_task` wrote) is installed.
+
+        `train` is the task's own train rows. Work that needs the trained model belongs in `finish_task`.
+        """
+
+    def state_records(self, ctx: TaskContext) -> dict[str, Path]:
+        """The state files (or directories) that define this strategy after task `ctx`, by record name.
+
+        The coordinator keeps each one's path and content hash with the promoted task; the task's
+        adapter is its optimum θ*, which DGG and LwF pull toward on the next task.
+        """
+        return {"optimum": ctx.adapters_dir / self.adapter_name(ctx)}
 
     def adapter_name(self, ctx: TaskContext) -> str:
         """The adapter this task trains (and that its checkpoint holds)."""
@@ -100,6 +113,13 @@ class Strategy:
     def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `train_state` returned, after `before_task` on a restarted worker."""
 
+    def finish_task(self, model: torch.nn.Module, processor, ctx: TaskContext, train: pa.Table, dest: Path) -> None:
+        """After the last step, with the trained model (eval mode): write per-task state files into `dest`.
+
+        They travel back with the adapter and are installed into `ctx.state_dir` under the same
+        names (EWC's Fisher, Decoupled's prototypes). `train` is the task's own train rows.
+        """
+
     def metrics(self) -> dict[str, float]:
         """Strategy-specific numbers to report with the loss (expert use, injection rate, ...)."""
         return {}
@@ -111,3 +131,9 @@ class Strategy:
     def save(self, model: torch.nn.Module, ctx: TaskContext, dest: Path) -> Path:
         """Write this task's trained adapter (and any side files) to `dest`, atomically."""
         return save_adapter(model, self.adapter_name(ctx), dest)
+
+
+def record(path: Path, root: Path) -> dict[str, str]:
+    """A state record the coordinator keeps: the path under `root` and the content hash."""
+    digest = tree_sha256(path) if path.is_dir() else file_sha256(path)
+    return {"path": str(path.relative_to(root)), "sha256": digest}

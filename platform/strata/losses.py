@@ -1,4 +1,4 @@
-"""Knowledge-distillation pieces shared by LwF, MoDE and CMA: KL on logits and frozen teachers."""
+"""Loss pieces shared by strategies: knowledge distillation (LwF, MoDE, CMA) and InfoNCE (Decoupled, CMA)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def forward_with(model: torch.nn.Module, state: dict[str, torch.Tensor], batch: 
         return functional_call(model, state, args=(), kwargs={**inputs, **kwargs}, strict=False)
     finally:
         model.train(was_training)
+
+
+def info_nce(visual: torch.Tensor, text: torch.Tensor, tau: float) -> torch.Tensor:
+    """Symmetric InfoNCE between row-paired (N, D) visual and text vectors at temperature tau.
+
+    Row i of each is a positive pair; every other row of the batch is a negative.
+    """
+    if visual.shape != text.shape or visual.dim() != 2:
+        raise ValueError(f"visual and text must both be (N, D), got {tuple(visual.shape)} and {tuple(text.shape)}")
+    v, t = F.normalize(visual, dim=-1), F.normalize(text, dim=-1)
+    logits = v @ t.T / tau  # (N, N) cosine similarities
+    target = torch.arange(len(v), device=v.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -1,0 +1,95 @@
+"""Task routing by nearest prototype: which task's adapter should answer a row.
+
+A prototype is the mean of a task's pooled backbone features (backbone/features.py) plus its
+within-task scatter. Decoupled adds one per task after training; serving merges the prototypes
+of whichever versions are in production, so `<stream>/auto` routes over exactly what is served.
+Neither side needs to know how the other stores them: both go through `save`, `load` and `merge`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from strata.atomic import write_file
+
+ROUTER_FILE = "router.safetensors"
+SHRINKAGE = 0.1  # blend of the covariance toward a scaled identity, so it stays invertible
+
+
+@dataclass
+class PrototypeRouter:
+    """Nearest task prototype under a shared within-task covariance (Mahalanobis distance).
+
+    Plain cosine to the mean is dominated by what every prompt shares (the chat template, the
+    white background); the pooled covariance down-weights those shared, noisy directions.
+    """
+
+    names: list[str] = field(default_factory=list)
+    means: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks, D)
+    scatters: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks, D, D)
+    counts: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # (tasks,)
+
+    @staticmethod
+    def of(name: str, feats: torch.Tensor) -> PrototypeRouter:
+        """A router that knows one task, from its (N, D) features."""
+        mean = feats.mean(0)
+        centred = feats - mean
+        return PrototypeRouter([name], mean[None], (centred.T @ centred)[None], torch.tensor([float(len(feats))]))
+
+    @staticmethod
+    def merge(routers: list[PrototypeRouter]) -> PrototypeRouter:
+        """One router over every task of `routers`; a later router's entry replaces an earlier one of that name."""
+        last: dict[str, tuple[PrototypeRouter, int]] = {}
+        for r in routers:
+            for i, n in enumerate(r.names):
+                last.pop(n, None)  # a replaced task moves to the end, as if added last
+                last[n] = (r, i)
+        if not last:
+            return PrototypeRouter()
+        picked = list(last.values())
+        return PrototypeRouter(list(last), *(torch.stack([getattr(r, k)[i] for r, i in picked])
+                                            for k in ("means", "scatters", "counts")))
+
+    def add(self, name: str, feats: torch.Tensor) -> PrototypeRouter:
+        """This router plus task `name` from its (N, D) features (replacing any earlier entry of that name)."""
+        return PrototypeRouter.merge([self, PrototypeRouter.of(name, feats)])
+
+    def only(self, name: str) -> PrototypeRouter:
+        """A router that knows task `name` alone."""
+        i = self.names.index(name)
+        return PrototypeRouter([name], self.means[i : i + 1], self.scatters[i : i + 1], self.counts[i : i + 1])
+
+    def route(self, feats: torch.Tensor) -> list[str]:
+        """The nearest task's name for each (N, D) feature row."""
+        if not self.names:
+            raise RuntimeError("the router has no tasks yet")
+        d = feats.shape[1]
+        cov = self.scatters.sum(0) / max(float(self.counts.sum()) - len(self.names), 1.0)
+        cov = (1 - SHRINKAGE) * cov + SHRINKAGE * cov.trace() / d * torch.eye(d)
+        diff = feats[:, None, :] - self.means[None]  # (N, tasks, D)
+        dist = torch.einsum("ntd,de,nte->nt", diff, torch.linalg.inv(cov), diff)
+        return [self.names[i] for i in dist.argmin(1).tolist()]
+
+    @staticmethod
+    def load(directory: str | Path) -> PrototypeRouter:
+        """The router saved in `directory`, or an empty one."""
+        path = Path(directory) / ROUTER_FILE
+        if not path.exists():
+            return PrototypeRouter()
+        with safe_open(str(path), framework="pt") as f:
+            names = json.loads(f.metadata()["tasks"])
+            # Copies: safetensors maps the file, and a later save over it must not change these tensors.
+            return PrototypeRouter(names, *(f.get_tensor(k).clone() for k in ("means", "scatters", "counts")))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the router's tensors with task names in the metadata, atomically; returns the file."""
+        tensors = {k: v.contiguous() for k, v in
+                   {"means": self.means, "scatters": self.scatters, "counts": self.counts}.items()}
+        return write_file(Path(directory) / ROUTER_FILE,
+                          lambda tmp: save_file(tensors, str(tmp), metadata={"tasks": json.dumps(self.names)}))
