@@ -1,4 +1,4 @@
-"""Continual-learning quality of every strategy on the built-in stream, plus the seed papers' ablations.
+"""Continual-learning quality of every strategy on the built-in stream, plus the DGG, MoDE and CMA papers' ablations.
 
     .venv/bin/python benchmarks/continual_quality.py                      # every suite, 3 seeds
     .venv/bin/python benchmarks/continual_quality.py --suite dgg --seeds 0 1

@@ -1,4 +1,4 @@
-"""The seed papers' methods through the one pipeline and training loop (in this process; Ray Train is
+"""The papers' methods (EWC, LwF, DGG, MoDE, CMA) through the one pipeline and training loop (in this process; Ray Train is
 exercised by the README walkthrough (make run), test_fault_tolerance.py and the cluster workflows)."""
 
 from __future__ import annotations

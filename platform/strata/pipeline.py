@@ -35,6 +35,7 @@ from strata.eval.evaluate import TaskResult
 from strata.eval.metrics import summarize
 from strata.eval.report import comparison_table, matrix_table, save_results
 from strata.eval.scoring import SCORER_VERSION
+from strata.strategies import make_strategy
 from strata.train.driver import init_ray
 
 TaskCallback = Callable[[str, int, dict], None]
@@ -151,6 +152,8 @@ def run(cfg: RunConfig, console: Console | None = None, on_task: TaskCallback | 
     console = console or Console()
     out = Path(cfg.out).resolve()
     check_kind(cfg.adapter)  # a kind/placement pair outside the published table fails before any work
+    for name in cfg.strategies:  # so does a strategy that refuses its options or the adapter kind
+        make_strategy(name, cfg)
     # Validate every dataset before anything else: a bad one stops the run with nothing written.
     files = stream_files(cfg, out)
     tables = {task: load_dataset(path) for task, path in files.items()}

@@ -1,4 +1,4 @@
-"""Cross-modality MoE adapters (CMA, seed 002): top-k gated bottleneck experts after the last LM blocks.
+"""Cross-modality MoE adapters (CMA, arXiv:2511.06723): top-k gated bottleneck experts after the last LM blocks.
 
 In a LLaVA model image and text tokens meet in the language model, so each of the last B decoder
 blocks is wrapped: h ← h + Σ_{e ∈ topk} g_e(h)·E_e(h), with per-token gating (logits = h W_g, top-k,

@@ -1,4 +1,4 @@
-"""Modality-routed LoRA (MoDE, seed 001): a T-MoE for text tokens and a V-Adapter for image tokens.
+"""Modality-routed LoRA (MoDE, arXiv:2512.03125): a T-MoE for text tokens and a V-Adapter for image tokens.
 
 In every LM linear, out = base(x) + Δ, chosen per token:
   text token:  Δ_t = Σ_j g_j(x) · B_j A_j x · s,  g(x) = softmax(x W_g)   (ϕ: router + n experts)

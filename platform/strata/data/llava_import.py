@@ -1,4 +1,4 @@
-"""Import LLaVA / LLaMA-Factory conversation JSON into the public schema (DESIGN §6).
+"""Import LLaVA / LLaMA-Factory conversation JSON into the public schema (docs/ARCHITECTURE.md, "Data").
 
 Each assistant ("gpt") turn becomes one row, with the earlier turns folded into its prompt by the
 shared chat template, so multi-turn training sees exactly what serving will render.

@@ -1,4 +1,4 @@
-"""The public dataset schema (DESIGN §6): reading, validating and atomically writing Parquet.
+"""The public dataset schema (docs/ARCHITECTURE.md, "Data"): reading, validating and atomically writing Parquet.
 
 A dataset is one Parquet file or a directory of `*.parquet` shards read in name order, with the
 columns id, image, prompt, answer and split. Validation never raises on bad data; it collects

@@ -1,4 +1,4 @@
-"""Gradient-conflict probe (seed 001): do the text and image losses pull an adapter's parameters apart?
+"""Gradient-conflict probe (MoDE's motivation: arXiv:2512.03125): do the text and image losses pull an adapter's parameters apart?
 
 For an understanding-only LLaVA the two losses on one batch are
   L_text  = the task CE on answer tokens;

@@ -1,4 +1,4 @@
-"""The promotion gate (DESIGN §2): a candidate is promoted only if it learned, did not forget, did not drift.
+"""The promotion gate (docs/ARCHITECTURE.md): a candidate is promoted only if it learned, did not forget, did not drift.
 
 All three checks run on `val`, never on `test`, so the reported accuracy matrix stays unbiased.
 """

@@ -1,7 +1,7 @@
-"""Continual-learning metrics: pure functions of the accuracy matrix R (DESIGN §4).
+"""Continual-learning metrics: pure functions of the accuracy matrix R (docs/ARCHITECTURE.md, "Metrics").
 
 R is a T×T matrix in percent (0-100) where R[t][i] is the accuracy on task i after training
-task t (0-indexed here; DESIGN writes the formulas 1-based). The diagonal and lower triangle
+task t (0-indexed here; the usual formulas are 1-based). The diagonal and lower triangle
 must be filled; the upper triangle may be NaN/None, which is what an open-ended stream gives.
 """
 
@@ -142,7 +142,7 @@ def forgetting(R: Matrix) -> float | None:
 def summarize(
     R: Matrix, sizes: Sequence[int], base: Sequence[float | None] | None = None
 ) -> dict[str, float | None]:
-    """All metrics of DESIGN §4 as a JSON-safe dict keyed by METRIC_KEYS."""
+    """All metrics of docs/ARCHITECTURE.md as a JSON-safe dict keyed by METRIC_KEYS."""
     return {
         "faa": faa(R, sizes),
         "mfn": mfn(R),

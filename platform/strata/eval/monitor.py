@@ -1,6 +1,6 @@
 """The drift monitor: KL of any set of registry versions against a reference, on an anchor set.
 
-`strata monitor drift` runs it after the fact, as seed 000 prescribes for production: the gate
+`strata monitor drift` runs it after the fact, as production monitoring of adapter updates asks: the gate
 checks drift once before promotion, the monitor can re-check any version set at any time.
 """
 

@@ -1,4 +1,4 @@
-"""Versioned per-task scorers: exact match for short answers, ROUGE-L for long ones (DESIGN §4).
+"""Versioned per-task scorers: exact match for short answers, ROUGE-L for long ones (docs/ARCHITECTURE.md, "Metrics").
 
 Scores logged with a run carry SCORER_VERSION, so numbers from different scorer behaviour are
 never compared silently.
