@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from strata.atomic import write_text
-from strata.config import BackboneSpec, CMAConfig, DGGConfig, GateConfig, RunConfig, TrainConfig
+from strata.config import BackboneSpec, GateConfig, RunConfig, TrainConfig
 from strata.pipeline import run as run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,22 +46,33 @@ BEGIN, END = "<!-- continual_quality:begin -->", "<!-- continual_quality:end -->
 
 
 def suites(main_tasks: int) -> dict[str, list[tuple[str, int, dict]]]:
-    """suite -> [(label, tasks, RunConfig overrides)]; labels are directory names."""
+    """suite -> [(label, tasks, RunConfig overrides)]; labels are directory names.
+
+    An override's `options` maps a strategy to the option values it changes from the base config's.
+    """
     dgg = {
-        "dgg-full": DGGConfig(),
-        "dgg-no-bernoulli": DGGConfig(bernoulli=False),
-        "dgg-no-scaling": DGGConfig(scaling=False),
-        "dgg-ghat-only": DGGConfig(replay=False),
-        "dgg-alpha-0.05": DGGConfig(alpha=0.05),
-        "dgg-alpha-0.5": DGGConfig(alpha=0.5),
+        "dgg-full": {},
+        "dgg-no-bernoulli": {"bernoulli": False},
+        "dgg-no-scaling": {"scaling": False},
+        "dgg-ghat-only": {"replay": False},
+        "dgg-alpha-0.05": {"alpha": 0.05},
+        "dgg-alpha-0.5": {"alpha": 0.5},
     }
     return {
         "main": [(s, main_tasks, {"strategies": (s,)}) for s in MAIN],
-        "dgg": [(label, 4, {"strategies": ("dgg",), "dgg": opts}) for label, opts in dgg.items()]
+        "dgg": [(label, 4, {"strategies": ("dgg",), "options": {"dgg": opts}}) for label, opts in dgg.items()]
         + [("replay-only", 4, {"strategies": ("replay",)})],
-        "cma": [("cma-freeze", 4, {"strategies": ("cma",), "cma": CMAConfig()}),
-                ("cma-no-freeze", 4, {"strategies": ("cma",), "cma": CMAConfig(freeze=False)})],
+        "cma": [("cma-freeze", 4, {"strategies": ("cma",), "options": {"cma": {}}}),
+                ("cma-no-freeze", 4, {"strategies": ("cma",), "options": {"cma": {"freeze": False}}})],
     }
+
+
+def with_overrides(base: RunConfig, overrides: dict, **fields) -> RunConfig:
+    """`base` with a suite entry's overrides: plain fields replaced, strategy options changed field by field."""
+    changes = overrides.get("options", {})
+    options = {**base.options, **{name: replace(base.options_for(name), **values) for name, values in changes.items()}}
+    plain = {k: v for k, v in overrides.items() if k != "options"}
+    return replace(base, options=options, **plain, **fields)
 
 
 # Ablation rows whose configuration is exactly a main-suite strategy at its defaults: with the same
@@ -98,7 +109,7 @@ def dir_kb(path: Path) -> float:
 def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int, work: Path) -> dict:
     """One strategy configuration on one seed: the pipeline's metrics plus cost columns."""
     out = work / f"{label}-seed{seed}"
-    cfg = replace(base, tasks=tasks, seed=seed, out=str(out), train=replace(base.train, seed=seed), **overrides)
+    cfg = with_overrides(base, overrides, tasks=tasks, seed=seed, out=str(out), train=replace(base.train, seed=seed))
     started = time.time()
     results = run_pipeline(cfg, Console(quiet=True))
     wall = time.time() - started
@@ -231,7 +242,7 @@ def run_conflict(base: RunConfig, seeds: list[int], results: Path, steps: int, c
         path = results / "runs" / "conflict" / f"seed{seed}.json"
         if not path.exists():
             table = generate_task("colour", seed, n_train=64, n_val=0, n_test=0)
-            report = probe(base.backbone, resolve(base.backbone), table, base.mode, steps=steps, seed=seed)
+            report = probe(base.backbone, resolve(base.backbone), table, base.options_for("mode"), steps=steps, seed=seed)
             write_text(path, json.dumps(report, indent=2, default=float))
         reports[seed] = json.loads(path.read_text())
         console.log(f"conflict probe seed {seed}: done")
@@ -288,8 +299,10 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     base = RunConfig(strategies=("seqlora",), backbone=backbone, n_test=test_rows, gate=GateConfig(mode="report"),
                      train=TrainConfig(steps=steps, executor="local"))
     if args.smoke_test:
-        base = replace(base, n_train=64, n_val=8, replay_per_task=8,
-                       cma=CMAConfig(memory=8, memory_batch=4), mode=replace(base.mode, reference_rows=16, kd_batch=4))
+        small = {"replay": {"per_task": 8}, "dgg": {"per_task": 8}, "cma": {"memory": 8, "memory_batch": 4},
+                 "mode": {"reference_rows": 16, "kd_batch": 4}}
+        base = replace(base, n_train=64, n_val=8,
+                       options={name: replace(base.options_for(name), **values) for name, values in small.items()})
     plan = suites(2 if args.smoke_test else args.main_tasks)
     if args.smoke_test:
         plan = {s: [(label, 2, o) for label, _, o in configs] for s, configs in plan.items()}

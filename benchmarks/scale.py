@@ -44,8 +44,8 @@ from strata.config import AdapterSpec, BackboneSpec, GateConfig, RunConfig, Trai
 from strata.data.benchmark import TASKS, generate_task
 from strata.data.schema import read_table, write_table
 from strata.eval.plots import save_figure
+from strata.hooks import TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import TaskContext
 from strata.train.driver import TaskJob, fit_local, fit_task, init_ray
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,8 +75,8 @@ def learn(strategy: str, t: int, tasks: list[str], paths: dict[str, str], cfg: R
     started = time.perf_counter()
     metrics = fit_local(TaskJob(s, ctx, str(state / "rows.parquet"), train, cfg.backbone, str(backbone)))
     wall = time.perf_counter() - started
-    if strategy == "dgg":  # the replay reservoir grows the next task's rows (the router is not timed)
-        s.after_task(ctx, current, None, None)
+    if strategy == "dgg":  # the replay reservoir grows the next task's rows (Decoupled's router is built in the fit)
+        s.after_task(ctx, current)
     return {"strategy": strategy, "task": t + 1, "steps": train.steps, "rows": rows.num_rows,
             "train_seconds": metrics["train_seconds"], "wall_seconds": wall}
 

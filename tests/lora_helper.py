@@ -14,7 +14,7 @@ from strata.config import AdapterSpec
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 from strata.registry import Ref, Registry, backbone_info
-from strata.strategies.decoupled import ROUTER_FILE, PrototypeRouter
+from strata.routing import ROUTER_FILE, PrototypeRouter
 
 
 def trained_adapter(backbone, dest: Path, seed: int, ranks: tuple[int, int] = (2, 4)) -> tuple[Path, torch.nn.Module]:
@@ -40,12 +40,11 @@ def served_registry(tmp: Path, test_spec, backbone_dir: Path) -> Registry:
     reg.promote(Ref("default", "seqlora", 1))
     for seed, task in enumerate(("colour", "shape")):
         src, _ = trained_adapter(load_backbone(test_spec, backbone_dir), tmp / task, seed=10 + seed)
-        router = PrototypeRouter()
         train = generate_task(task, 1, n_train=256, n_val=0, n_test=0)
-        router.add(task, pooled_features(model, processor, encode_table(processor, train, with_answers=False)))
-        router.save(str(tmp / f"proto-{task}"))
+        feats = pooled_features(model, processor, encode_table(processor, train, with_answers=False))
+        proto = PrototypeRouter.of(task, feats).save(tmp / f"proto-{task}")
         ref = Ref("default", task, 1)
-        reg.push(ref, src, {"strategy": "decoupled"}, info, side={ROUTER_FILE: tmp / f"proto-{task}" / ROUTER_FILE})
+        reg.push(ref, src, {"strategy": "decoupled"}, info, side={ROUTER_FILE: proto})
         reg.promote(ref)
     return reg
 

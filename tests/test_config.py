@@ -16,6 +16,9 @@ from strata.config import (
     from_dict,
     smoke_test,
 )
+from strata.strategies import make_strategy
+from strata.strategies.dgg import DGGConfig
+from strata.strategies.replay import ReplayConfig
 
 
 def test_from_dict_fills_nested_dataclasses_and_turns_lists_into_tuples(tmp_path: Path) -> None:
@@ -34,7 +37,19 @@ def test_from_dict_fills_nested_dataclasses_and_turns_lists_into_tuples(tmp_path
     assert cfg.train == TrainConfig(steps=5, batch_size=6, num_workers=3)
     # Fields not given keep their defaults, nested ones included.
     assert cfg.train.lr == TrainConfig().lr
-    assert cfg.replay_per_task == RunConfig().replay_per_task
+    assert cfg.options == {}
+    assert cfg.options_for("replay") == ReplayConfig() == RunConfig().options_for("replay")
+
+
+def test_strategy_sections_and_claimed_keys_fill_the_options() -> None:
+    cfg = from_dict(RunConfig, {"strategies": ["dgg", "replay"], "dgg": {"alpha": 0.3}, "replay_per_task": 7})
+    assert cfg.options_for("dgg") == DGGConfig(per_task=7, alpha=0.3)
+    assert cfg.options_for("replay") == ReplayConfig(per_task=7)
+    # A section's own per_task wins over the top-level key.
+    cfg = from_dict(RunConfig, {"dgg": {"per_task": 3}, "replay_per_task": 7})
+    assert (cfg.options_for("dgg").per_task, cfg.options_for("replay").per_task) == (3, 7)
+    assert RunConfig(options={"dgg": DGGConfig(alpha=0.5)}).options_for("dgg").alpha == 0.5
+    assert RunConfig().options_for("dgg") == DGGConfig()
 
 
 def test_from_dict_empty_mapping_is_the_default() -> None:
@@ -142,9 +157,11 @@ def test_strategy_options_are_validated_with_their_names(section: str, values: d
 
 
 def test_decoupled_refuses_adapter_kinds_that_cannot_share_a_model() -> None:
+    # The check lives in the Decoupled strategy, which is built from the run config.
     with pytest.raises(ValueError, match=r"strategy 'decoupled' .* adapter.kind is 'bottleneck'"):
-        RunConfig(strategies=("decoupled",), adapter=AdapterSpec(kind="bottleneck"))
-    RunConfig(strategies=("seqlora",), adapter=AdapterSpec(kind="bottleneck", placement="language_only"))
+        make_strategy("decoupled", RunConfig(strategies=("decoupled",), adapter=AdapterSpec(kind="bottleneck")))
+    cfg = RunConfig(strategies=("seqlora",), adapter=AdapterSpec(kind="bottleneck", placement="language_only"))
+    make_strategy("seqlora", cfg)
 
 
 def test_unknown_strategy_via_from_dict_is_named() -> None:

@@ -23,8 +23,13 @@ def promote(state: StreamState, task: str, owner: str = "job-a", **record) -> di
 
 def test_timeline_versions_and_pointers_survive_a_reload(tmp_path) -> None:
     state = StreamState("s1", str(tmp_path))
-    promote(state, "colour", freeze={"layer0": [True, False]}, replay={"buffer/colour": {"rows": 10}})
-    entry = promote(state, "shape")
+    colour = {"optimum": {"path": "adapters/shared", "sha256": "a" * 64},
+              "freeze_masks": {"path": "cma_freeze.json", "sha256": "b" * 64},
+              "buffer/colour": {"path": "buffer/colour.parquet", "sha256": "c" * 64}}
+    shape = {"optimum": {"path": "adapters/shared", "sha256": "d" * 64}}
+    promote(state, "colour", records=colour)
+    entry = promote(state, "shape", records=shape)
+    assert "records" not in entry  # the records sit with the strategy, not in the timeline entry
     assert entry["version"] == 2 and entry["status"] == "promoted"
     assert [h["status"] for h in entry["history"]] == ["arrived", "training", "evaluated", "promoted"]
 
@@ -34,9 +39,8 @@ def test_timeline_versions_and_pointers_survive_a_reload(tmp_path) -> None:
     assert [e["task"] for e in snap["timeline"]] == ["colour", "shape"]
     assert [v["version"] for v in snap["adapters"]["dgg"]] == [1, 2]
     assert again.next_version("dgg") == 3  # the allocator survives the reload too
-    assert set(snap["optima"]) == {"colour", "shape"}  # θ* pointers, not tensors
-    assert snap["freeze"] == {"layer0": [True, False]}  # kept when a later task records none
-    assert snap["replay"] == {"buffer/colour": {"rows": 10}}
+    assert snap["records"] == {"colour": colour, "shape": shape}  # θ* and state per task: paths and hashes
+    assert again.snapshot()["schema"] == 2
     assert [p.name for p in (tmp_path / "s1").iterdir()] == ["coordinator.json"]  # no temp file left behind
 
 
@@ -55,6 +59,7 @@ def test_a_second_job_for_a_training_task_is_refused_and_retries_are_idempotent(
     done = state.commit_task("dgg", "colour", "job-a", "promoted", record)
     assert state.commit_task("dgg", "colour", "job-a", "promoted", record) == done
     assert len(state.snapshot()["strategies"]["dgg"]["adapters"]["dgg"]) == 1  # not versioned twice
+    assert state.snapshot()["strategies"]["dgg"]["records"] == {"colour": {}}  # none named: an empty set
     with pytest.raises(TaskBusy, match="already promoted"):
         state.begin_task("dgg", "colour", "job-c")
 

@@ -10,9 +10,9 @@ from lora_helper import trained_adapter
 from strata.arrival import StrategyStream
 from strata.config import BackboneSpec, RunConfig, TrainConfig
 from strata.coordinator import Coordinator
+from strata.hooks import TaskContext
 from strata.open_stream import evaluate, pinned
 from strata.registry import HashMismatch, Ref, RegistryError
-from strata.strategies.base import TaskContext
 
 
 def stream(tmp_path: Path, strategy: str, backbone_dir: Path) -> StrategyStream:

@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from strata.config import AdapterSpec, BackboneSpec, DGGConfig, RunConfig, TrainConfig
+from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.schema import write_table
+from strata.hooks import TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import TaskContext
+from strata.strategies.dgg import DGGConfig
 from strata.train.driver import TaskJob, fit_local, fit_task
 
 STEPS = 6
@@ -38,7 +39,7 @@ def task0(backbone_dir, tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 def make_job(spec, backbone_dir, state: Path, paths: dict[str, str], index: int, train: TrainConfig) -> TaskJob:
     cfg = RunConfig(strategies=("dgg",), adapter=AdapterSpec(visual_rank=4, text_rank=4),
-                    dgg=DGGConfig(alpha=0.5, bernoulli=True))
+                    options={"dgg": DGGConfig(alpha=0.5, bernoulli=True)})
     task = ("colour", "shape")[index]
     ctx = TaskContext(index, task, ("colour",)[:index], paths, str(state), seed=0)
     return TaskJob(make_strategy("dgg", cfg), ctx, paths[task], train, spec, str(backbone_dir))

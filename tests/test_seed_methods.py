@@ -11,7 +11,8 @@ from strata.config import BackboneSpec, GateConfig, RunConfig, TrainConfig
 
 def test_seed_methods_run_through_the_same_pipeline(backbone_dir, tmp_path):
     """EWC, LwF, DGG, MoDE and CMA through the one pipeline and training loop, no special cases."""
-    from strata.config import CMAConfig, MoDEConfig
+    from strata.strategies.cma import CMAConfig
+    from strata.strategies.mode import MoDEConfig
 
     cfg = RunConfig(
         strategies=("ewc", "lwf", "dgg", "mode", "cma"),
@@ -20,8 +21,8 @@ def test_seed_methods_run_through_the_same_pipeline(backbone_dir, tmp_path):
         backbone=BackboneSpec(str(backbone_dir)),
         train=TrainConfig(steps=4, batch_size=8, lr=3e-3, executor="local"),  # Ray Train: see the docstring
         gate=GateConfig(mode="report"),
-        mode=MoDEConfig(experts=2, rank=4, reference_rows=16, kd_batch=4),
-        cma=CMAConfig(memory=16, memory_batch=4),
+        options={"mode": MoDEConfig(experts=2, rank=4, reference_rows=16, kd_batch=4),
+                 "cma": CMAConfig(memory=16, memory_batch=4)},
         n_train=32,
         n_val=4,
         n_test=16,

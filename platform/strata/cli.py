@@ -80,8 +80,12 @@ def run(
     gate: str | None = GATE,
     registry: str | None = typer.Option(None, help="Registry root (default <out>/registry)."),
     smoke: bool = typer.Option(False, "--smoke-test", help="The same run, small: test backbone, 2 tasks, 60 steps."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also print Ray's, Ray Train's and the libraries' logs."),
 ) -> None:
     """Learn a stream of tasks with each strategy and compare forgetting."""
+    from strata import quiet
+
+    quiet.setup(verbose)  # before the libraries are imported: some log when imported
     from strata.coordinator import TaskBusy
     from strata.data.schema import DatasetError
     from strata.pipeline import run as run_pipeline
@@ -402,14 +406,12 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="HTTP port."),
     token: str | None = typer.Option(None, envvar="STRATA_SERVE_TOKEN", help="Require this bearer token."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also print Ray's logs and a line per request."),
 ) -> None:
     """Serve the registry's adapters locally: OpenAI chat completions on Ray Serve (Ctrl-C stops it)."""
-    import os
-    import sys
+    from strata import quiet
 
-    root = str(config.resolve().parent.parent)  # serve_apps/ sits at the repository root
-    sys.path.insert(0, root)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    quiet.setup(verbose)  # before the libraries are imported: some log when imported
     from ray import serve as ray_serve
     from serve_apps.openai_app import ServeConfig, load_config
     from serve_apps.openai_app import app as build
@@ -426,6 +428,6 @@ def serve(
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         fail(f"{config}: {e}")
     init_ray()
-    ray_serve.start(http_options={"host": host, "port": port})
+    ray_serve.start(http_options={"host": host, "port": port}, logging_config=quiet.serve_logging())
     console.print(f"serving {args.get('registry')} at http://{host}:{port}/v1 (Ctrl-C stops)")
-    ray_serve.run(build(args), name="strata", route_prefix="/", blocking=True)
+    ray_serve.run(build(args), name="strata", route_prefix="/", blocking=True, logging_config=quiet.serve_logging())

@@ -235,7 +235,10 @@ class RunConfig:
 
     def hash(self) -> str:
         """A short content hash of the whole config, for manifests and lineage."""
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        data = dataclasses.asdict(self)
+        # Options set to a strategy's defaults are the same run as options left out.
+        data["options"] = {k: dataclasses.asdict(v) for k, v in self.options.items() if v != type(v)()}
+        blob = json.dumps(data, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -24,7 +24,7 @@ from rich.progress import Progress
 from strata.adapters.placement import check, check_kind
 from strata.arrival import StrategyStream, evaluate_all, learn_task
 from strata.atomic import write_text
-from strata.backbone.load import fingerprint, load_backbone, resolve
+from strata.backbone.load import fingerprint, resolve, shared_backbone
 from strata.config import RunConfig, check_name
 from strata.coordinator import Coordinator, default_storage
 from strata.data.benchmark import TASKS, write_benchmark
@@ -169,7 +169,7 @@ def run(cfg: RunConfig, console: Console | None = None, on_task: TaskCallback | 
             init_ray()
         # Tiny models generate fastest on one thread (measured: 0.6 s vs 1.6 s per 500 rows).
         torch.set_num_threads(1)
-        model, processor = load_backbone(cfg.backbone, backbone_path)
+        model, processor = shared_backbone(cfg.backbone, backbone_path)
         check(cfg.adapter, model)  # per module: BitFit needs biases, every layer_ranks key must match
         tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
         zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)

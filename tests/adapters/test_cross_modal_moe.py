@@ -15,7 +15,7 @@ from strata.adapters.lora import trainable_parameters
 from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
-from strata.eval.evaluate import generate
+from strata.generation import Generated, generate
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_save_load_round_trip_gives_identical_logits_and_generations(test_spec, 
     assert torch.equal(again, logits)
     assert not torch.allclose(bare, logits)  # the random adapter really changes the model
     assert generate(loaded, processor, enc.select([0, 1]), max_new_tokens=4) == answers
-    assert all(isinstance(a, str) for a in answers)
+    assert all(isinstance(a, Generated) and isinstance(a.text, str) and len(a.tokens) <= 4 for a in answers)
 
 
 def test_generation_with_kv_cache_matches_full_recompute(backbone, enc) -> None:

@@ -27,8 +27,8 @@ from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
+from strata.hooks import TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import TaskContext
 from strata.train.loop import train_task
 
 VISION = "model.vision_tower.encoder.layers"

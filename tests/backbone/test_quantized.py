@@ -24,9 +24,9 @@ from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
-from strata.eval.evaluate import generate
+from strata.generation import generate
+from strata.hooks import TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import TaskContext
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -156,7 +156,7 @@ def test_qlora_trains_and_the_saved_adapter_reloads_on_a_fresh_4bit_backbone(
     batch.pop("labels")
     with torch.no_grad():
         trained_logits = model(**batch).logits
-    trained_preds = generate(model, processor, test)
+    trained_preds = generate(model, processor, test, 16)
 
     fresh, _ = load_backbone(q4_spec, backbone_dir)
     with torch.no_grad():
@@ -167,7 +167,7 @@ def test_qlora_trains_and_the_saved_adapter_reloads_on_a_fresh_4bit_backbone(
         reloaded_logits = reloaded(**batch).logits
     assert not torch.allclose(bare_logits, trained_logits, atol=1e-2)  # the adapter changes the model
     torch.testing.assert_close(reloaded_logits, trained_logits, rtol=1e-5, atol=1e-5)
-    assert generate(reloaded, processor, test) == trained_preds
+    assert generate(reloaded, processor, test, 16) == trained_preds
 
 
 # ---- 3. gradients through the 4-bit layers ------------------------------------------------------
@@ -257,7 +257,7 @@ def test_eval_then_train_does_not_crash(q4_spec, backbone_dir, table, tmp_path: 
     no-grad eval forward, and training afterwards crashed; the loader switches that repacking off."""
     model, processor = load_backbone(q4_spec, backbone_dir)
     test = encode_table(processor, split(table, "test").slice(0, 4), with_answers=False)
-    before = generate(model, processor, test)  # eval forwards without grad, as evaluation does
+    before = generate(model, processor, test, 16)  # eval forwards without grad, as evaluation does
     assert len(before) == 4
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linear4bit(model))
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from strata.adapters import modality_lora as ml
-from strata.config import AdapterSpec, MoDEConfig
+from strata.config import AdapterSpec
 from strata.data.benchmark import generate_task
 from strata.eval.conflict import conflict_report, conflict_table, probe
+from strata.strategies.mode import MoDEConfig
 
 OPTS = MoDEConfig(experts=2, rank=4, reference_rows=8, kd_batch=2)
 

@@ -19,15 +19,16 @@ from strata.adapters import cross_modal_moe as cma
 from strata.adapters.custom import adapter_parameters, read_side
 from strata.adapters.lora import trainable_parameters
 from strata.backbone.load import load_backbone
-from strata.config import CMAConfig, RunConfig, TrainConfig
+from strata.config import RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.replay import ReplayBuffer
+from strata.hooks import TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import TaskContext
 from strata.strategies.cma import (
     CMA,
     FREEZE_FILE,
     USAGE_FILE,
+    CMAConfig,
     alignment_loss,
     preservation_loss,
     read_masks,
@@ -113,20 +114,19 @@ def expert_weights(tensors: dict[str, torch.Tensor], layer: str, expert: int) ->
 
 def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec, backbone_dir,
                                                                         tmp_path: Path) -> None:
-    strategy = make_strategy("cma", RunConfig(strategies=("cma",), cma=OPTS))
+    strategy = make_strategy("cma", RunConfig(strategies=("cma",), options={"cma": OPTS}))
     assert isinstance(strategy, CMA) and strategy.opts == OPTS
     state = tmp_path / "state"
     rows = {t: train_rows(t) for t in ("colour", "shape")}
 
-    # Task 0: train, install, then the driver's after_task on the installed adapter.
+    # Task 0: train, install, then the driver's after_task on the installed adapter's routing counts.
     c0 = ctx(0, "colour", state)
     shared = c0.adapters_dir / "shared"
     model, processor = load_backbone(test_spec, backbone_dir)
     first = train_task(model, processor, strategy, c0, rows["colour"], TRAIN, Collector(install_to=shared))
     assert "cma/loss/distill" not in first and "cma/loss/preserve" not in first  # no previous model at t=0
     assert math.isfinite(first["cma/loss/align"]) and first["cma/frozen_experts"] == 0
-    eval_model, eval_processor = load_backbone(test_spec, backbone_dir)
-    strategy.after_task(c0, rows["colour"], strategy.load_eval(eval_model, c0), eval_processor)
+    strategy.after_task(c0, rows["colour"])
 
     masks = read_masks(state)
     counts = cma.read_counts(shared)
@@ -178,8 +178,7 @@ def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec
     assert moved
 
     # after_task of task 1: masks are a union, memory is split evenly, both tasks are logged.
-    strategy.after_task(c1, rows["shape"], strategy.load_eval(load_backbone(test_spec, backbone_dir)[0], c1),
-                        processor)
+    strategy.after_task(c1, rows["shape"])
     later = read_masks(state)
     assert all(a <= b for layer in masks for a, b in zip(masks[layer], later[layer]))
     assert json.loads((state / FREEZE_FILE).read_text())["after"] == "shape"
@@ -187,6 +186,9 @@ def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec
     assert memory.tasks() == ["colour", "shape"]
     assert memory.rows().num_rows == OPTS.memory  # 4 + 4
     assert len((state / USAGE_FILE).read_text().splitlines()) == 4
+    assert strategy.state_records(c1) == {"optimum": shared, "freeze_masks": state / FREEZE_FILE,
+                                          "memory/colour": state / "memory" / "colour.parquet",
+                                          "memory/shape": state / "memory" / "shape.parquet"}
 
 
 def test_no_freeze_ablation_never_freezes(test_spec, backbone_dir, tmp_path: Path) -> None:
@@ -195,8 +197,7 @@ def test_no_freeze_ablation_never_freezes(test_spec, backbone_dir, tmp_path: Pat
     model, processor = load_backbone(test_spec, backbone_dir)
     train_task(model, processor, strategy, c0, train_rows("colour"), replace(TRAIN, steps=2),
                Collector(install_to=c0.adapters_dir / "shared"))
-    strategy.after_task(c0, train_rows("colour"), strategy.load_eval(load_backbone(test_spec, backbone_dir)[0], c0),
-                        processor)
+    strategy.after_task(c0, train_rows("colour"))
     masks = read_masks(tmp_path)
     assert masks and not any(any(m) for m in masks.values())
 

@@ -10,11 +10,14 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from strata.config import AdapterSpec, DecoupledConfig, TrainConfig
+from strata.config import AdapterSpec, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
-from strata.strategies.base import TaskContext
-from strata.strategies.decoupled import Decoupled, info_nce
+from strata.hooks import TaskContext
+from strata.losses import info_nce
+from strata.routing import ROUTER_FILE, PrototypeRouter
+from strata.strategies.decoupled import Decoupled, DecoupledConfig
+from strata.train.checkpoint import STATE
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -90,6 +93,13 @@ def test_on_gives_a_finite_loss_that_trains_the_adapter(backbone, tmp_path: Path
 def test_the_loop_runs_with_the_alignment_term(backbone, tmp_path: Path) -> None:
     model, processor = backbone
     decoupled = Decoupled(adapter=LORA, opts=DecoupledConfig(contrastive=True))
-    final = train_task(model, processor, decoupled, ctx(tmp_path), rows(), TrainConfig(steps=2, batch_size=4),
-                       lambda metrics, ckpt: None)
+    routers = []
+
+    def report(metrics: dict, ckpt: Path | None) -> None:
+        if ckpt is not None and (ckpt / STATE / ROUTER_FILE).exists():
+            routers.append(PrototypeRouter.load(ckpt / STATE))
+
+    final = train_task(model, processor, decoupled, ctx(tmp_path), rows(), TrainConfig(steps=2, batch_size=4), report)
     assert math.isfinite(final["loss"])
+    # finish_task put the router with this task's prototype in the final checkpoint.
+    assert [r.names for r in routers] == [["colour"]]

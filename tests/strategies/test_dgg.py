@@ -14,11 +14,11 @@ from reporting import Collector
 from safetensors.torch import load_file
 
 from strata.backbone.load import load_backbone
-from strata.config import AdapterSpec, DGGConfig, TrainConfig
+from strata.config import AdapterSpec, TrainConfig
 from strata.data.benchmark import generate_task
-from strata.strategies.base import TaskContext
-from strata.strategies.dgg import DGG
-from strata.train.grads import Grads
+from strata.grads import Grads
+from strata.hooks import TaskContext
+from strata.strategies.dgg import DGG, DGGConfig
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -148,8 +148,8 @@ def tables() -> dict[str, pa.Table]:
 @pytest.mark.parametrize("replay", [True, False])
 def test_replay_switch_decides_the_rows(replay: bool, tmp_path: Path) -> None:
     data = tables()
-    dgg = DGG(per_task=2, opts=DGGConfig(replay=replay))
-    dgg.after_task(ctx(0, tmp_path, name="colour"), data["colour"], None, None)
+    dgg = DGG(opts=DGGConfig(per_task=2, replay=replay))
+    dgg.after_task(ctx(0, tmp_path, name="colour"), data["colour"])
     rows = dgg.training_table(ctx(1, tmp_path, name="shape"), data["shape"])
     shape_ids, colour_ids = data["shape"]["id"].to_pylist(), set(data["colour"]["id"].to_pylist())
     assert rows["id"].to_pylist()[:6] == shape_ids

@@ -12,10 +12,11 @@ import torch
 from reporting import Collector
 
 from strata.backbone.load import load_backbone
-from strata.config import AdapterSpec, EWCConfig, TrainConfig
+from strata.config import AdapterSpec, TrainConfig
 from strata.data.benchmark import generate_task
-from strata.strategies.base import TaskContext
-from strata.strategies.ewc import EWC, STATE_FILE, ewc_penalty, load_state, save_state
+from strata.hooks import TaskContext
+from strata.strategies.ewc import EWC, STATE_FILE, EWCConfig, ewc_penalty, load_state, save_state
+from strata.train.checkpoint import STATE
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -73,10 +74,6 @@ def train_rows(task: str) -> pa.Table:
     return table.filter(pc.equal(table["split"], "train"))
 
 
-def install_only(dest: Path) -> Collector:
-    return Collector(install_to=dest)
-
-
 @pytest.mark.parametrize("spec", [LORA, AdapterSpec(kind="bottleneck", visual_rank=4, text_rank=4)],
                          ids=lambda s: s.kind)
 def test_fisher_on_the_test_backbone(spec: AdapterSpec, test_spec, backbone_dir, tmp_path: Path) -> None:
@@ -85,24 +82,33 @@ def test_fisher_on_the_test_backbone(spec: AdapterSpec, test_spec, backbone_dir,
     first = ctx(0, state)
     rows = train_rows("colour")
     model, processor = load_backbone(test_spec, backbone_dir)
-    train_task(model, processor, ewc, first, rows, TrainConfig(steps=4, batch_size=4, lr=5e-3),
-               install_only(first.adapters_dir / "shared"))
+    report = Collector(tmp_path / "ckpt", install_to=first.adapters_dir / "shared")
+    train_task(model, processor, ewc, first, rows, TrainConfig(steps=4, batch_size=4, lr=5e-3), report)
     trainable = set(ewc.params)  # the training model's trainable names (set in before_task)
 
-    # Driver side: the installed adapter on a fresh, frozen backbone, as the pipeline passes it.
+    # Worker side: the loop's finish_task put the trained model's Fisher and θ in the final checkpoint.
+    final_ckpt = report.reports[-1][1]
+    assert [p.name for p in (final_ckpt / STATE).iterdir()] == [STATE_FILE]
+    worker_fisher, worker_theta = load_state(final_ckpt / STATE)
+    assert worker_fisher.keys() == worker_theta.keys() == trainable
     eval_model = ewc.load_eval(load_backbone(test_spec, backbone_dir)[0], first)
-    ewc.after_task(first, rows, eval_model, processor)
+    params = dict(eval_model.named_parameters())
+    assert all(torch.equal(worker_theta[n], params[n]) for n in worker_theta)  # θ_old is the saved adapter
+
+    # finish_task on the installed adapter over a fresh, frozen backbone, written straight into the state dir.
+    ewc.finish_task(eval_model, processor, first, rows, state)
     fisher, theta = load_state(state)
     assert fisher.keys() == theta.keys() == trainable  # the names line up with the training model
     assert all(bool((f >= 0).all()) for f in fisher.values())
     assert sum(float(f.sum()) for f in fisher.values()) > 0
     assert any("vision_tower" in n and float(f.sum()) > 0 for n, f in fisher.items())
-    params = dict(eval_model.named_parameters())
     assert all(torch.equal(theta[n], params[n]) for n in theta)
     assert not any(p.requires_grad or p.grad is not None for p in eval_model.parameters())  # restored
+    torch.testing.assert_close(fisher, worker_fisher)  # the same Fisher as the training model's
+    assert ewc.state_records(first)["fisher"] == state / STATE_FILE
 
     # A second task adds its Fisher to the stored one (same model and rows here: exactly twice).
-    ewc.after_task(ctx(1, state, "shape"), rows, eval_model, processor)
+    ewc.finish_task(eval_model, processor, ctx(1, state, "shape"), rows, state)
     doubled, _ = load_state(state)
     assert all(torch.equal(doubled[n], 2 * fisher[n]) for n in fisher)
 

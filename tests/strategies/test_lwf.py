@@ -10,12 +10,12 @@ import torch
 
 from strata.adapters.lora import load_adapter, save_adapter
 from strata.backbone.load import load_backbone
-from strata.config import AdapterSpec, LwFConfig
+from strata.config import AdapterSpec
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
-from strata.strategies.base import TaskContext
-from strata.strategies.distill import kd_loss, target_mask
-from strata.strategies.lwf import LwF
+from strata.hooks import TaskContext
+from strata.losses import kd_loss, target_mask
+from strata.strategies.lwf import LwF, LwFConfig
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
 

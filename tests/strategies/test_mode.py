@@ -14,14 +14,14 @@ from reporting import Collector
 from strata.adapters import custom
 from strata.adapters import modality_lora as ml
 from strata.backbone.load import load_backbone
-from strata.config import AdapterSpec, MoDEConfig, RunConfig, TrainConfig
+from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 from strata.data.schema import write_table
-from strata.eval.evaluate import generate
+from strata.generation import generate
+from strata.hooks import TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import TaskContext
-from strata.strategies.mode import MoDE
+from strata.strategies.mode import MoDE, MoDEConfig
 from strata.train.loop import train_task
 
 OPTS = MoDEConfig(experts=2, rank=4, kd_weight=0.3, reference_rows=8, kd_batch=2)
@@ -53,7 +53,7 @@ def nonzero(params: dict[str, torch.nn.Parameter]) -> list[str]:
 
 
 def test_make_strategy_builds_mode() -> None:
-    s = make_strategy("mode", RunConfig(strategies=("mode",), mode=OPTS))
+    s = make_strategy("mode", RunConfig(strategies=("mode",), options={"mode": OPTS}))
     assert isinstance(s, MoDE) and s.opts == OPTS and s.shared
 
 

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from strata.adapters.lora import save_adapter
-from strata.config import AdapterSpec, DecoupledConfig, RunConfig
+from strata.config import AdapterSpec, RunConfig
 from strata.data.benchmark import generate_task
 from strata.data.schema import write_table
-from strata.strategies import STRATEGIES, make_strategy
-from strata.strategies.base import TaskContext
-from strata.strategies.decoupled import PrototypeRouter
+from strata.hooks import TaskContext
+from strata.routing import ROUTER_FILE, PrototypeRouter
+from strata.strategies import make_strategy, names
+from strata.strategies.decoupled import DecoupledConfig
+from strata.strategies.dgg import DGGConfig
+from strata.strategies.replay import ReplayConfig
 
 # name -> (shared adapter?, which earlier rows it trains on)
 TABLE = {
@@ -32,11 +35,13 @@ TASKS = ("colour", "shape", "count")
 
 
 def test_table_covers_every_strategy() -> None:
-    assert set(TABLE) == set(STRATEGIES)
+    assert set(TABLE) == set(names())
 
 
-def cfg(**kw) -> RunConfig:
-    return RunConfig(strategies=tuple(STRATEGIES), adapter=AdapterSpec(visual_rank=2, text_rank=4), **kw)
+def cfg(replay_per_task: int | None = None) -> RunConfig:
+    options = {} if replay_per_task is None else {
+        "replay": ReplayConfig(per_task=replay_per_task), "dgg": DGGConfig(per_task=replay_per_task)}
+    return RunConfig(strategies=tuple(names()), adapter=AdapterSpec(visual_rank=2, text_rank=4), options=options)
 
 
 def ctx_for(t: int, state: Path, train_paths: dict[str, str] | None = None) -> TaskContext:
@@ -54,8 +59,8 @@ def test_make_strategy_uses_run_config(name: str) -> None:
     assert strategy.name == name
     assert strategy.adapter == AdapterSpec(visual_rank=2, text_rank=4)
     assert strategy.shared is TABLE[name][0]
-    if name == "replay":
-        assert strategy.per_task == 7
+    if name in ("replay", "dgg"):
+        assert strategy.opts.per_task == 7
 
 
 def test_make_strategy_unknown_name() -> None:
@@ -145,14 +150,14 @@ def test_training_table(name: str, train_tables, tmp_path: Path) -> None:
             assert sorted(ids(rows)[current.num_rows :]) == sorted(expected_earlier)
             assert len(expected_earlier) == 2 * t
         if mode == "buffer":  # replay and DGG keep rows here; the others keep none (or not in this hook)
-            strategy.after_task(ctx, current, None, None)
+            strategy.after_task(ctx, current)
             expected_earlier = ids(strategy.buffer(ctx).rows())
 
 
 def test_replay_excludes_the_current_task_when_retrained(train_tables, tmp_path: Path) -> None:
     strategy = make_strategy("replay", cfg(replay_per_task=3))
     ctx0 = ctx_for(0, tmp_path)
-    strategy.after_task(ctx0, train_tables["colour"], None, None)
+    strategy.after_task(ctx0, train_tables["colour"])
     again = strategy.training_table(ctx0, train_tables["colour"])
     assert ids(again) == ids(train_tables["colour"])  # its own reservoir is not added twice
     ctx1 = ctx_for(1, tmp_path)
@@ -178,7 +183,7 @@ def clusters(seed: int, n: int = 40, d: int = 8, spread: float = 6.0) -> dict[st
 def fitted_router() -> PrototypeRouter:
     router = PrototypeRouter()
     for name, feats in clusters(0).items():
-        router.add(name, feats)
+        router = router.add(name, feats)
     return router
 
 
@@ -198,9 +203,7 @@ def test_router_uses_covariance_not_plain_distance() -> None:
     def sample(offset: float) -> torch.Tensor:
         x = torch.randn(200, 2, generator=gen)
         return torch.stack([x[:, 0] * 0.1 + offset, x[:, 1] * 20.0], dim=1)
-    router = PrototypeRouter()
-    router.add("left", sample(-1.0))
-    router.add("right", sample(1.0))
+    router = PrototypeRouter().add("left", sample(-1.0)).add("right", sample(1.0))
     test = sample(1.0)
     euclid = (test[:, None] - router.means[None]).norm(dim=-1).argmin(1)
     assert (euclid == 1).sum() < 150  # plain nearest mean is close to a coin flip here
@@ -211,7 +214,9 @@ def test_router_replacing_a_task_keeps_one_entry() -> None:
     router = fitted_router()
     # "a" moves from dim 0 to dim 4.
     moved = clusters(2)["a"] - torch.eye(8)[0] * 6.0 + torch.eye(8)[4] * 6.0
-    router.add("a", moved)
+    before = fitted_router()
+    router = router.add("a", moved)
+    assert before.names == ["a", "b", "c"] and torch.equal(before.means, fitted_router().means)  # add copies
     assert sorted(router.names) == ["a", "b", "c"]
     assert router.means.shape == (3, 8) and router.scatters.shape == (3, 8, 8)
     torch.testing.assert_close(router.means[router.names.index("a")], moved.mean(0))
@@ -221,15 +226,32 @@ def test_router_replacing_a_task_keeps_one_entry() -> None:
 
 def test_router_save_load_round_trip(tmp_path: Path) -> None:
     router = fitted_router()
-    router.save(str(tmp_path))
+    assert router.save(str(tmp_path)) == tmp_path / ROUTER_FILE
     assert [p.name for p in tmp_path.iterdir()] == ["router.safetensors"]  # no temp file left
-    loaded = PrototypeRouter.load(str(tmp_path))
+    loaded = PrototypeRouter.load(tmp_path)
+    assert PrototypeRouter.load(str(tmp_path)).names == router.names  # str or Path
     assert loaded.names == router.names
     assert torch.equal(loaded.counts, router.counts)
     assert torch.equal(loaded.means, router.means)
     assert torch.equal(loaded.scatters, router.scatters)
     probe = torch.cat(list(clusters(4).values()))
     assert loaded.route(probe) == router.route(probe)
+
+
+def test_router_of_and_merge_combine_tasks_the_later_entry_winning() -> None:
+    parts = [PrototypeRouter.of(name, feats) for name, feats in clusters(0).items()]
+    assert [p.names for p in parts] == [["a"], ["b"], ["c"]]
+    merged = PrototypeRouter.merge(parts)
+    fitted = fitted_router()
+    assert merged.names == fitted.names
+    assert torch.equal(merged.means, fitted.means) and torch.equal(merged.scatters, fitted.scatters)
+    assert torch.equal(merged.counts, fitted.counts)
+    assert merged.only("b").names == ["b"]
+    newer = PrototypeRouter.of("a", clusters(5)["b"])
+    remerged = PrototypeRouter.merge([merged, newer])
+    assert remerged.names == ["b", "c", "a"]  # a replaced task moves to the end
+    torch.testing.assert_close(remerged.means[2], clusters(5)["b"].mean(0))
+    assert PrototypeRouter.merge([]).names == []
 
 
 def test_empty_router_raises(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
+from strata.hooks import Strategy, TaskContext
 from strata.strategies import make_strategy
-from strata.strategies.base import Strategy, TaskContext
 from strata.train.loop import step_indices, train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -110,6 +110,35 @@ def test_strategy_without_trainable_params_is_refused(backbone, rows, tmp_path: 
     with pytest.raises(RuntimeError, match="no trainable parameters"):
         train_task(model, processor, NoAdapter(), ctx(0, "colour", tmp_path), rows["colour"],
                    TrainConfig(steps=1, batch_size=2), Collector(tmp_path))
+
+
+class FinishRecorder(Strategy):
+    """Plain sequential LoRA whose finish_task records what it was given and writes one state file."""
+
+    name = "finish-recorder"
+
+    def finish_task(self, model, processor, ctx, train, dest):
+        self.seen_finish = (model.training, train["id"].to_pylist())
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "note.txt").write_text(ctx.name)
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["task_rows", "default"])
+def test_finish_task_gets_the_trained_model_and_its_files_travel_in_the_final_checkpoint(
+    own: bool, backbone, rows, tmp_path: Path
+) -> None:
+    model, processor = backbone
+    mixed = pa.concat_tables([rows["colour"], rows["shape"].slice(0, 4)])  # as replay would train
+    recorder, report = FinishRecorder(adapter=LORA), Collector(tmp_path / "ckpt")
+    train_task(model, processor, recorder, ctx(0, "colour", tmp_path), mixed, TrainConfig(steps=2, batch_size=2),
+               report, **({"task_rows": rows["colour"]} if own else {}))
+    training, ids = recorder.seen_finish
+    assert training is False  # after the last step, in eval mode
+    assert ids == (rows["colour"] if own else mixed)["id"].to_pylist()
+    final = report.reports[-1][1]
+    assert sorted(p.name for p in final.iterdir()) == ["adapter", "state"]
+    assert (final / "state" / "note.txt").read_text() == "colour"
+    assert all(ckpt is None or not (ckpt / "state").exists() for _, ckpt in report.reports[:-1])
 
 
 # ---- isolation: the key property of the decoupled strategy -------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from strata.adapters.lora import load_adapter
-from strata.backbone.load import load_backbone, resolve
+from strata.backbone.load import resolve, shared_backbone
 from strata.config import BackboneSpec
 from strata.data.collate import encode_table
 from strata.eval.drift import answer_log_probs, mean_kl
@@ -27,7 +27,7 @@ def drift_report(registry: Registry, stream: str, adapter: str, versions: list[i
     first = cards[versions[0]] if versions else registry.card(reference)
     spec = BackboneSpec(first["backbone"]["source"])
     path = resolve(spec)
-    model, processor = load_backbone(spec, path)
+    model, processor = shared_backbone(spec, path)
     found = backbone_info(spec.source, path, model).fingerprint
     if found != first["backbone"]["fingerprint"]:
         raise ValueError(f"the backbone at {spec.source} has fingerprint {found}, but {stream}/{adapter} was "
@@ -37,10 +37,10 @@ def drift_report(registry: Registry, stream: str, adapter: str, versions: list[i
 
     def log_probs(ref: Ref | None):
         if ref is None:
-            base, _ = load_backbone(spec, path)
+            base, _ = shared_backbone(spec, path)
             return answer_log_probs(base, rows, [None] * len(rows), pad)
         with tempfile.TemporaryDirectory() as tmp:
-            base, _ = load_backbone(spec, path)
+            base, _ = shared_backbone(spec, path)
             tuned = load_adapter(base, registry.fetch(ref, Path(tmp) / "adapter"), "adapter")
             return answer_log_probs(tuned, rows, ["adapter"] * len(rows), pad)
 

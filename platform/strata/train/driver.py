@@ -14,6 +14,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from strata import quiet
 from strata.atomic import replace_dir, write_file
 from strata.backbone.load import load_backbone
 from strata.config import BackboneSpec, TrainConfig
@@ -32,11 +33,16 @@ _TRAIN_ENV = {
 
 
 def init_ray(num_cpus: int | None = None, **kwargs) -> None:
-    """Join the cluster in RAY_ADDRESS if set (a Ray job), else start a local one."""
+    """Join the cluster in RAY_ADDRESS if set (a Ray job), else start a local one.
+
+    Unless verbose, every worker process of the job silences library noise at start (strata.quiet).
+    """
     for key, value in _TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
+    kwargs["runtime_env"] = quiet.runtime_env(kwargs.get("runtime_env"))
+    kwargs.setdefault("logging_level", quiet.ray_logging_level())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**kwargs)
     else:
@@ -111,6 +117,7 @@ def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=job.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=quiet.train_logging(),  # Train's INFO lines on the console only with --verbose
         ),
         torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
     )
