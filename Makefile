@@ -1,6 +1,6 @@
 # `make run`: the main job on the embedded default. `make test`: the test suite.
-# Both build .venv on first use: torch==2.13.0 (CPU wheel) first, then the project, pinned by
-# constraints.txt.
+# Both build .venv on first use, and again when pyproject.toml or constraints.txt changes: torch==2.13.0
+# (CPU wheel) first, then the project with its `test` extra (pytest, openai), pinned by constraints.txt.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.strata-installed
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e .
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

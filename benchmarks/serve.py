@@ -27,7 +27,6 @@ import os
 import platform
 import socket
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -196,10 +195,8 @@ def http(spec: BackboneSpec, reg: Registry, requests: int, console: Console) -> 
     import ray
     from ray import serve
 
-    sys.path.insert(0, str(ROOT))  # serve_apps/ sits at the repository root
-    from serve_apps.openai_app import app
+    from serve_apps.openai_app import app  # installed with the package
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

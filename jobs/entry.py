@@ -1,12 +1,12 @@
-"""What every job entrypoint shares: find the package in the job's working dir, run one command."""
+"""What every job entrypoint shares: run one `strata` command with this process's arguments.
+
+`strata` comes from the installed distribution, or, in a job whose working_dir is the repository on
+nodes without the install, from `PYTHONPATH=platform` in the job's runtime_env (cluster/runtime_env.yaml).
+"""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-# Inside a job's working_dir copy the package may not be installed; its source root is here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 
 def main(command: str, job: str | None = None) -> None:

@@ -29,6 +29,14 @@ monitor_app = typer.Typer(help="Watch served adapters: KL drift against an ancho
 app.add_typer(monitor_app, name="monitor")
 
 
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", help="Also print Ray's and the libraries' logs.")) -> None:
+    """Every command is quiet by default (strata/quiet.py); `--verbose` keeps the libraries' output."""
+    from strata import quiet
+
+    quiet.setup(verbose)
+
+
 def build_run_config(
     config: Path | None, strategies: list[str], tasks: int | None, steps: int | None,
     out: str | None, seed: int | None, backbone: str | None, workers: int | None,

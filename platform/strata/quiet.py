@@ -38,15 +38,15 @@ PG_CLEANER_THREAD = "PlacementGroupCleanerMonitor"
 ENV = "STRATA_VERBOSE"  # "1": nothing is silenced, in this process and in what it starts
 
 
-def verbose() -> bool:
+def is_verbose() -> bool:
     return os.environ.get(ENV, "") not in ("", "0")
 
 
-def setup(verbose_: bool = False) -> None:
+def setup(verbose: bool = False) -> None:
     """Call first in a command: `--verbose` keeps everything, else the noise above is silenced here."""
-    if verbose_:
+    if verbose:
         os.environ[ENV] = "1"
-    if not verbose():
+    if not is_verbose():
         _silence()
 
 
@@ -60,7 +60,7 @@ def setup_worker() -> None:
 def runtime_env(env: dict | None = None) -> dict | None:
     """`env` (a ray.init runtime_env) with `setup_worker` as its setup hook, unless verbose, unless
     the job already has a hook (a Ray job's runtime_env and ray.init's are merged; two hooks conflict)."""
-    if verbose() or (env or {}).get("worker_process_setup_hook") or "worker_process_setup_hook" in os.environ.get(
+    if is_verbose() or (env or {}).get("worker_process_setup_hook") or "worker_process_setup_hook" in os.environ.get(
             "RAY_JOB_CONFIG_JSON_ENV_VAR", ""):  # set in a Ray job's driver: the job's own config
         return env
     return {**(env or {}), "worker_process_setup_hook": HOOK}
@@ -68,19 +68,19 @@ def runtime_env(env: dict | None = None) -> dict | None:
 
 def ray_logging_level() -> int:
     """The driver's `ray` logger ("Started a local Ray instance", ...)."""
-    return logging.INFO if verbose() else logging.WARNING
+    return logging.INFO if is_verbose() else logging.WARNING
 
 
 def train_logging():
     """Ray Train's LoggingConfig: its INFO lines on the console only when verbose."""
     from ray.train import LoggingConfig
 
-    return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+    return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
 
 
 def serve_logging() -> dict:
     """Ray Serve's LoggingConfig (for serve.start and serve.run): the access log only when verbose."""
-    return {"enable_access_log": verbose()}
+    return {"enable_access_log": is_verbose()}
 
 
 def _silence() -> None:
