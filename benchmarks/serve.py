@@ -194,7 +194,6 @@ def http(spec: BackboneSpec, reg: Registry, requests: int, console: Console) -> 
     """Requests/s through the Serve app on loopback: 1 adapter, 16 uniform, 16 skewed."""
     import ray
     from ray import serve
-
     from serve_apps.openai_app import app  # installed with the package
 
     with socket.socket() as s:
