@@ -38,6 +38,7 @@ from rich.table import Table
 from strata.atomic import write_text
 from strata.config import BackboneSpec, GateConfig, RunConfig, TrainConfig
 from strata.pipeline import run as run_pipeline
+from strata.strategies import options_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ("seqlora", "replay", "ewc", "lwf", "dgg", "mode", "cma", "decoupled", "multitask")
@@ -70,7 +71,7 @@ def suites(main_tasks: int) -> dict[str, list[tuple[str, int, dict]]]:
 def with_overrides(base: RunConfig, overrides: dict, **fields) -> RunConfig:
     """`base` with a suite entry's overrides: plain fields replaced, strategy options changed field by field."""
     changes = overrides.get("options", {})
-    options = {**base.options, **{name: replace(base.options_for(name), **values) for name, values in changes.items()}}
+    options = {**base.options, **{name: replace(options_for(base, name), **values) for name, values in changes.items()}}
     plain = {k: v for k, v in overrides.items() if k != "options"}
     return replace(base, options=options, **plain, **fields)
 
@@ -242,7 +243,7 @@ def run_conflict(base: RunConfig, seeds: list[int], results: Path, steps: int, c
         path = results / "runs" / "conflict" / f"seed{seed}.json"
         if not path.exists():
             table = generate_task("colour", seed, n_train=64, n_val=0, n_test=0)
-            report = probe(base.backbone, resolve(base.backbone), table, base.options_for("mode"), steps=steps, seed=seed)
+            report = probe(base.backbone, resolve(base.backbone), table, options_for(base, "mode"), steps=steps, seed=seed)
             write_text(path, json.dumps(report, indent=2, default=float))
         reports[seed] = json.loads(path.read_text())
         console.log(f"conflict probe seed {seed}: done")
@@ -302,7 +303,7 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, dict]:
         small = {"replay": {"per_task": 8}, "dgg": {"per_task": 8}, "cma": {"memory": 8, "memory_batch": 4},
                  "mode": {"reference_rows": 16, "kd_batch": 4}}
         base = replace(base, n_train=64, n_val=8,
-                       options={name: replace(base.options_for(name), **values) for name, values in small.items()})
+                       options={name: replace(options_for(base, name), **values) for name, values in small.items()})
     plan = suites(2 if args.smoke_test else args.main_tasks)
     if args.smoke_test:
         plan = {s: [(label, 2, o) for label, _, o in configs] for s, configs in plan.items()}

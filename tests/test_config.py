@@ -16,7 +16,7 @@ from strata.config import (
     from_dict,
     smoke_test,
 )
-from strata.strategies import make_strategy
+from strata.strategies import make_strategy, options_for, run_config
 from strata.strategies.dgg import DGGConfig
 from strata.strategies.replay import ReplayConfig
 
@@ -29,7 +29,7 @@ def test_from_dict_fills_nested_dataclasses_and_turns_lists_into_tuples(tmp_path
         "adapter": {"visual_rank": 0, "text_rank": 4},
         "train": {"steps": 5, "batch_size": 6, "num_workers": 3},
     }
-    cfg = from_dict(RunConfig, raw, "run config")
+    cfg = run_config(raw, "run config")
     assert cfg.strategies == ("seqlora", "replay")
     assert isinstance(cfg.strategies, tuple)
     assert cfg.backbone == BackboneSpec(str(tmp_path))
@@ -38,35 +38,35 @@ def test_from_dict_fills_nested_dataclasses_and_turns_lists_into_tuples(tmp_path
     # Fields not given keep their defaults, nested ones included.
     assert cfg.train.lr == TrainConfig().lr
     assert cfg.options == {}
-    assert cfg.options_for("replay") == ReplayConfig() == RunConfig().options_for("replay")
+    assert options_for(cfg, "replay") == ReplayConfig() == options_for(RunConfig(), "replay")
 
 
 def test_strategy_sections_and_claimed_keys_fill_the_options() -> None:
-    cfg = from_dict(RunConfig, {"strategies": ["dgg", "replay"], "dgg": {"alpha": 0.3}, "replay_per_task": 7})
-    assert cfg.options_for("dgg") == DGGConfig(per_task=7, alpha=0.3)
-    assert cfg.options_for("replay") == ReplayConfig(per_task=7)
+    cfg = run_config({"strategies": ["dgg", "replay"], "dgg": {"alpha": 0.3}, "replay_per_task": 7})
+    assert options_for(cfg, "dgg") == DGGConfig(per_task=7, alpha=0.3)
+    assert options_for(cfg, "replay") == ReplayConfig(per_task=7)
     # A section's own per_task wins over the top-level key.
-    cfg = from_dict(RunConfig, {"dgg": {"per_task": 3}, "replay_per_task": 7})
-    assert (cfg.options_for("dgg").per_task, cfg.options_for("replay").per_task) == (3, 7)
-    assert RunConfig(options={"dgg": DGGConfig(alpha=0.5)}).options_for("dgg").alpha == 0.5
-    assert RunConfig().options_for("dgg") == DGGConfig()
+    cfg = run_config({"dgg": {"per_task": 3}, "replay_per_task": 7})
+    assert (options_for(cfg, "dgg").per_task, options_for(cfg, "replay").per_task) == (3, 7)
+    assert options_for(RunConfig(options={"dgg": DGGConfig(alpha=0.5)}), "dgg").alpha == 0.5
+    assert options_for(RunConfig(), "dgg") == DGGConfig()
 
 
 def test_from_dict_empty_mapping_is_the_default() -> None:
-    assert from_dict(RunConfig, {}) == RunConfig()
+    assert run_config({}) == RunConfig()
 
 
 def test_unknown_top_level_key_is_named() -> None:
     with pytest.raises(ValueError, match=r"unknown key\(s\) in run config: stratgies") as e:
-        from_dict(RunConfig, {"stratgies": ["seqlora"]}, "run config")
+        run_config({"stratgies": ["seqlora"]}, "run config")
     assert "strategies" in str(e.value)  # the known keys are listed to help fix the typo
 
 
 def test_unknown_nested_key_names_key_and_where() -> None:
     with pytest.raises(ValueError, match=r"unknown key\(s\) in run config\.train: stepz"):
-        from_dict(RunConfig, {"train": {"stepz": 3}}, "run config")
+        run_config({"train": {"stepz": 3}}, "run config")
     with pytest.raises(ValueError, match=r"in run config\.adapter: rank"):
-        from_dict(RunConfig, {"adapter": {"rank": 3}}, "run config")
+        run_config({"adapter": {"rank": 3}}, "run config")
 
 
 def test_from_dict_refuses_a_non_mapping() -> None:
@@ -130,7 +130,9 @@ def test_train_config_other_validation(kwargs: dict, message: str) -> None:
 def test_run_config_unknown_strategy_is_named() -> None:
     known = r"known: \['cma', 'decoupled', 'dgg'"
     with pytest.raises(ValueError, match=rf"unknown strategy 'ewc2'; {known}"):
-        RunConfig(strategies=("seqlora", "ewc2"))
+        run_config({"strategies": ["seqlora", "ewc2"]})
+    with pytest.raises(ValueError, match=rf"unknown strategy 'ewc2'; {known}"):
+        make_strategy("ewc2", RunConfig(strategies=("seqlora", "ewc2")))  # built in Python: checked when built
     with pytest.raises(ValueError, match="at least one strategy"):
         RunConfig(strategies=())
     with pytest.raises(ValueError, match="tasks must be >= 1, got 0"):
@@ -153,7 +155,7 @@ def test_run_config_unknown_strategy_is_named() -> None:
 )
 def test_strategy_options_are_validated_with_their_names(section: str, values: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        from_dict(RunConfig, {section: values}, "run config")
+        run_config({section: values}, "run config")
 
 
 def test_decoupled_refuses_adapter_kinds_that_cannot_share_a_model() -> None:
@@ -166,7 +168,7 @@ def test_decoupled_refuses_adapter_kinds_that_cannot_share_a_model() -> None:
 
 def test_unknown_strategy_via_from_dict_is_named() -> None:
     with pytest.raises(ValueError, match="unknown strategy 'nope'"):
-        from_dict(RunConfig, {"strategies": ["nope"]}, "run config")
+        run_config({"strategies": ["nope"]}, "run config")
 
 
 @pytest.mark.parametrize(
@@ -196,7 +198,7 @@ def test_run_config_hash_is_stable_and_tracks_every_field() -> None:
     a = RunConfig()
     assert a.hash() == RunConfig().hash()
     assert len(a.hash()) == 16 and int(a.hash(), 16) >= 0
-    assert a.hash() == from_dict(RunConfig, {"strategies": list(a.strategies)}).hash()
+    assert a.hash() == run_config({"strategies": list(a.strategies)}).hash()
     changed = [
         dataclasses.replace(a, seed=1),
         dataclasses.replace(a, strategies=("seqlora",)),

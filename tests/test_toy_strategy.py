@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import strata
-from strata.config import BackboneSpec, RunConfig, from_dict
+from strata.config import BackboneSpec, RunConfig
 from strata.hooks import Strategy, TaskContext
-from strata.strategies import get, names, register
+from strata.strategies import get, names, options_for, register, run_config
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,17 @@ class Toy(Strategy):
 def test_the_registry_knows_the_toy_strategy() -> None:
     assert "toy" in names() and get("toy").cls is Toy and Toy.name == "toy"
     with pytest.raises(ValueError, match="unknown key\\(s\\) in run config.toy: nope"):
-        from_dict(RunConfig, {"strategies": ["toy"], "toy": {"nope": 1}}, "run config")
+        run_config({"strategies": ["toy"], "toy": {"nope": 1}}, "run config")
 
 
 def test_a_strategy_defined_in_a_test_file_runs_through_the_pipeline(backbone_dir, tmp_path) -> None:
-    cfg = from_dict(RunConfig, {
+    cfg = run_config({
         "strategies": ["toy"], "tasks": 2, "out": str(tmp_path), "toy_note": "from-alias",
         "toy": {"rows_file": "counted.json"}, "gate": {"mode": "report"},
         "train": {"steps": 3, "batch_size": 8, "executor": "local"}, "n_train": 24, "n_val": 4, "n_test": 8,
     }, "run config")
     cfg = RunConfig(**{**cfg.__dict__, "backbone": BackboneSpec(str(backbone_dir))})
-    assert cfg.options_for("toy") == ToyConfig(note="from-alias", rows_file="counted.json")
+    assert options_for(cfg, "toy") == ToyConfig(note="from-alias", rows_file="counted.json")
 
     res = strata.run(cfg)["toy"]
     tasks = res["tasks"]

@@ -10,7 +10,7 @@ import yaml
 from rich.table import Table
 
 from strata import strategies as strategy_registry
-from strata.config import RunConfig, from_dict, smoke_test
+from strata.config import RunConfig, smoke_test
 from strata.registry.commands import REGISTRY, registry_app
 from strata.terminal import console, fail
 
@@ -63,7 +63,7 @@ def build_run_config(
         train["executor"] = executor
     if seed is not None:
         train.setdefault("seed", seed)
-    return from_dict(RunConfig, raw, "run config")
+    return strategy_registry.run_config(raw, "run config")
 
 
 GATE = typer.Option(None, help="Promotion gate: enforce (reject failing candidates, the default) or report "

@@ -208,30 +208,13 @@ class RunConfig:
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        from strata import strategies  # the registry imports a strategy's module only when asked
-
+        # Strategy names and options are checked by the registry (strata.strategies.run_config and
+        # make_strategy): config.py sits below the strategies and does not import them.
         if not self.strategies:
             raise ValueError("at least one strategy is needed")
-        for s in self.strategies:
-            if s not in strategies.names():
-                raise ValueError(f"unknown strategy {s!r}; known: {strategies.names()}")
         if self.tasks < 1:
             raise ValueError(f"tasks must be >= 1, got {self.tasks}")
         check_name(self.stream, "stream name")
-        for name, opts in self.options.items():
-            expected = strategies.get(name).options
-            if expected is None or not isinstance(opts, expected):
-                raise ValueError(f"options of strategy {name!r} must be a {getattr(expected, '__name__', 'None')}, "
-                                 f"got {type(opts).__name__}")
-
-    def options_for(self, strategy: str) -> Any:
-        """The options of `strategy`: what the config set, else that strategy's defaults."""
-        if strategy in self.options:
-            return self.options[strategy]
-        from strata import strategies
-
-        options = strategies.get(strategy).options
-        return options() if options is not None else None
 
     def hash(self) -> str:
         """A short content hash of the whole config, for manifests and lineage."""
@@ -256,8 +239,6 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Fill a (possibly nested) config dataclass from a mapping; unknown keys are an error."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    if cls is RunConfig:
-        data = strategy_options(data, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -270,35 +251,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             kwargs[key] = from_dict(nested, value or {}, f"{where}.{key}")  # `train:` alone = defaults
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
-        elif key == "options" and cls is RunConfig:
+        elif key == "options" and cls is RunConfig:  # filled by strata.strategies.run_config
             kwargs[key] = value
         else:
             kwargs[key] = value
     return cls(**kwargs)
 
-
-def strategy_options(data: dict[str, Any], where: str) -> dict[str, Any]:
-    """Move each strategy's section (`dgg: {...}`) and claimed top-level keys (`replay_per_task`)
-    from a run-config mapping into `options`, filled and validated by that strategy's class."""
-    from strata import strategies
-
-    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"options"}
-    extra = [k for k in data if k not in fields]
-    if not extra:
-        return data
-    entries = {e.name: e for e in strategies.load_all()}
-    claimed = {key: [e for e in entries.values() if key in e.aliases] for e in entries.values() for key in e.aliases}
-    unknown = sorted(k for k in extra if not (k in entries and entries[k].options) and k not in claimed)
-    if unknown:
-        known = sorted(fields | {n for n, e in entries.items() if e.options} | set(claimed))
-        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {known}")
-    sections = {}
-    for k in (k for k in extra if k in entries):
-        if data[k] is not None and not isinstance(data[k], dict):
-            raise ValueError(f"{where}.{k} must be a mapping, got {type(data[k]).__name__}")
-        sections[k] = dict(data[k] or {})
-    for key in (k for k in extra if k in claimed):
-        for entry in claimed[key]:
-            sections.setdefault(entry.name, {}).setdefault(entry.aliases[key], data[key])  # its own section wins
-    options = {name: from_dict(entries[name].options, values, f"{where}.{name}") for name, values in sections.items()}
-    return {**{k: v for k, v in data.items() if k in fields}, "options": options}

@@ -103,7 +103,7 @@ class Strategy:
     def after_backward(self, model: torch.nn.Module, grads: Grads, step: int) -> None:
         """Edit the trainable gradients after backward, before clipping and the step (DGG).
 
-        `grads` holds this rank's gradients: whole tensors, or ZeRO fragments (train/grads.py).
+        `grads` holds this rank's gradients: whole tensors, or ZeRO fragments (strata/grads.py).
         """
 
     def train_state(self) -> dict[str, torch.Tensor]:

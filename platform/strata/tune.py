@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from strata import strategies
 from strata.config import RunConfig, check_name, from_dict
 from strata.eval.metrics import METRIC_KEYS
 
@@ -99,7 +100,7 @@ def run_config(sweep: SweepConfig, params: dict[str, Any], out: str) -> RunConfi
         set_dotted(raw, key, value)
     raw["out"] = out
     raw.setdefault("train", {})["executor"] = "local"
-    return from_dict(RunConfig, raw, f"sweep {sweep.name} trial config")
+    return strategies.run_config(raw, f"sweep {sweep.name} trial config")
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from strata.config import RunConfig, check_name, from_dict
+
 if TYPE_CHECKING:
-    from strata.config import RunConfig
     from strata.hooks import Strategy
 
-__all__ = ["Entry", "register", "builtin", "names", "get", "load_all", "make_strategy", "options_table"]
+__all__ = ["Entry", "register", "builtin", "names", "get", "load_all", "run_config", "options_for", "make_strategy",
+           "options_table"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,6 @@ _REGISTRY: dict[str, Entry] = {}
 
 def register(name: str, options: type | None = None, aliases: dict[str, str] | None = None):
     """Class decorator: make `cls` the strategy `name`, built with `opts=<options>` from the run config."""
-    from strata.config import check_name
-
     check_name(name, "strategy name")
     if options is not None and not dataclasses.is_dataclass(options):
         raise TypeError(f"strategy {name!r}: options must be a dataclass, got {options!r}")
@@ -89,12 +89,52 @@ def load_all() -> list[Entry]:
     return [get(n) for n in names()]
 
 
+def run_config(data: dict[str, Any], where: str = "run config") -> RunConfig:
+    """A RunConfig from a mapping (YAML, CLI flags): each strategy's section (`dgg: {...}`) and the
+    top-level keys a strategy claims (`replay_per_task`) become its options, validated by its class."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"options"}
+    extra = [k for k in data if k not in fields]
+    entries = {e.name: e for e in load_all()} if extra else {}
+    claimed = {key: [e for e in entries.values() if key in e.aliases] for e in entries.values() for key in e.aliases}
+    unknown = sorted(k for k in extra if not (k in entries and entries[k].options) and k not in claimed)
+    if unknown:
+        known = sorted(fields | {n for n, e in entries.items() if e.options} | set(claimed))
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)}; known: {known}")
+    sections: dict[str, dict] = {}
+    for k in (k for k in extra if k in entries):
+        if data[k] is not None and not isinstance(data[k], dict):
+            raise ValueError(f"{where}.{k} must be a mapping, got {type(data[k]).__name__}")
+        sections[k] = dict(data[k] or {})
+    for key in (k for k in extra if k in claimed):
+        for entry in claimed[key]:
+            sections.setdefault(entry.name, {}).setdefault(entry.aliases[key], data[key])  # its own section wins
+    options = {name: from_dict(entries[name].options, values, f"{where}.{name}") for name, values in sections.items()}
+    cfg = from_dict(RunConfig, {k: v for k, v in data.items() if k in fields}, where)
+    for name in cfg.strategies:
+        get(name)  # an unknown name fails here, with the known ones
+    return dataclasses.replace(cfg, options=options)
+
+
+def options_for(cfg: RunConfig, name: str) -> Any:
+    """The options of strategy `name` in `cfg`: what the config set, else the strategy's defaults."""
+    entry = get(name)
+    opts = cfg.options.get(name)
+    if opts is None:
+        return entry.options() if entry.options is not None else None
+    if entry.options is None or not isinstance(opts, entry.options):
+        raise ValueError(f"options of strategy {name!r} must be a {getattr(entry.options, '__name__', 'None')}, "
+                         f"got {type(opts).__name__}")
+    return opts
+
+
 def make_strategy(name: str, cfg: RunConfig) -> Strategy:
     """Build a strategy from its name and the run config."""
     entry = get(name)
     if entry.options is None:
         return entry.cls(adapter=cfg.adapter)
-    return entry.cls(adapter=cfg.adapter, opts=cfg.options_for(name))
+    return entry.cls(adapter=cfg.adapter, opts=options_for(cfg, name))
 
 
 def _format(value: Any) -> str:
