@@ -26,8 +26,9 @@ run: $(STAMP)
 smoke:
 	$(MAKE) run ARGS=--smoke-test OUT=runs/smoke
 
+# Two workers: the integration modules wait on Ray and subprocesses much of the time (tests/conftest.py groups them).
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_cost.py

@@ -64,7 +64,7 @@ SPECS = {
     "lora_text": AdapterSpec(visual_rank=0, text_rank=16),
     "lora_text_cached_vision": AdapterSpec(visual_rank=0, text_rank=16),
 }
-TARGET_RATIO = 0.6  # the goal: adapter step time <= 0.6x full FT at width 512
+TARGET_RATIO = 0.6  # the goal: adapter step time <= 0.6x full FT at width 512
 LOSS_TOL = 1e-5
 LR = 1e-4
 BATCH_SIZE = 16

@@ -14,6 +14,20 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# `make test` runs the suite on 2 xdist workers (pytest -n 2 --dist loadgroup). Each integration
+# module is one group, so its module-scoped Ray cluster starts once; the README walkthrough and the
+# multi-node cluster workflows share a group because both run `ray start`-style clusters and the
+# walkthrough serves on port 8000.
+SHARED_GROUPS = {"test_readme": "clusters", "test_cluster_workflows": "clusters"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("integration"):
+            module = item.module.__name__.rsplit(".", 1)[-1]
+            item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one thread; two threads on a busy 2-core box spin for nothing."""

@@ -8,6 +8,7 @@ drawn scenes. The result is cached under the user's cache dir, keyed by the reci
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -184,6 +185,15 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
     if (final / "strata_recipe.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    # One build per machine: a second process (a parallel test worker, another job) waits for it.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "strata_recipe.json").exists():
+            return final
+        return _build(recipe, final, progress)
+
+
+def _build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None] | None) -> Path:
     started = time.time()
     processor = build_processor(recipe, benchmark.vocabulary_text())
     model = build_model(recipe, processor)
@@ -200,7 +210,7 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
     except OSError:
         if not (final / "strata_recipe.json").exists():
             raise
-        # Another process finished the same build first; theirs is identical.
+        # Another machine sharing the cache finished the same build first; theirs is identical.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -1,7 +1,7 @@
 """How the training loop steps its model: plain, under DDP, or as a DeepSpeed ZeRO engine.
 
 The wrapper is chosen once per task (`make_engine`); the loop only calls `forward`, `backward`,
-`grads`, `step` and `zero_grad`, so it has no DeepSpeed branches.
+`grads`, `step`, `zero_grad` and `whole`, so it has no DeepSpeed branches.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ class Engine:
         """The learning rate of the next step."""
         return self.sched.get_last_lr()[0]
 
+    def whole(self):
+        """A context in which every rank holds the whole trainable parameters (for saving)."""
+        return contextlib.nullcontext()
+
 
 class ZeroEngine(Engine):
     """A DeepSpeed ZeRO engine (train/zero.py): partitioned optimizer state and gradients."""
@@ -89,6 +93,10 @@ class ZeroEngine(Engine):
 
     def zero_grad(self) -> None:
         """Nothing: DeepSpeed's step already cleared them."""
+
+    def whole(self):
+        """Stage 3 partitions the parameters: gather them for saving."""
+        return zero.gathered(self.params, self.cfg.zero_stage)
 
 
 def make_engine(model: torch.nn.Module, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, sched,

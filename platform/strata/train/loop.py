@@ -22,7 +22,6 @@ from strata.adapters.lora import trainable_parameters
 from strata.config import TrainConfig
 from strata.data.collate import collate, encode_table
 from strata.hooks import Strategy, TaskContext
-from strata.train import zero
 from strata.train.checkpoint import ADAPTER, RESUME, STATE, load_resume, save_resume
 from strata.train.engine import make_engine
 
@@ -153,7 +152,7 @@ def train_task(
         "resumed_from": first - 1,
         **strategy.metrics(),
     }
-    with tempfile.TemporaryDirectory() as tmp, zero.gathered(params, cfg.zero_stage):
+    with tempfile.TemporaryDirectory() as tmp, engine.whole():
         # Every rank runs finish_task (under ZeRO-3 a forward needs them all); rank 0's files are kept.
         strategy.finish_task(model, processor, ctx, rows if task_rows is None else task_rows, Path(tmp) / STATE)
         if rank == 0:
