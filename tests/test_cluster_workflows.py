@@ -114,7 +114,14 @@ def submit(env: dict, address: str, args: list[str], job: str = "stream",
     named = [f"--submission-id={submission_id}"] if submission_id else []
     cmd = [RAY, "job", "submit", f"--address={address}", f"--runtime-env-json={json.dumps(runtime_env)}", *named,
            "--", "python", "-m", f"jobs.{job}", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        # A node's job agent registers with the dashboard some seconds after the node starts (more on
+        # a busy box); Ray's answer until then is "try again later", and a user would.
+        if "No available agent to submit job" not in proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
 
 
 @contextlib.contextmanager

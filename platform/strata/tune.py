@@ -196,6 +196,7 @@ def summarize_sweep(sweep: SweepConfig, grid, tasks: int, console: Console) -> d
         best = grid.get_best_result(metric=sweep.metric, mode=sweep.mode, scope="last")
         base = run_config(sweep, best.config, str(out / "best-run"))
         raw = json.loads(json.dumps(dataclasses.asdict(base)))  # tuples become YAML lists
+        raw.update(raw.pop("options"))  # each strategy's options as its own section, as users write them
         raw["train"]["executor"] = "ray"
         write_text(out / "best.yaml", yaml.safe_dump(raw, sort_keys=False))
         summary["best"] = {"params": best.config, sweep.metric: best.metrics.get(sweep.metric)}

@@ -94,6 +94,8 @@ def run_config(data: dict[str, Any], where: str = "run config") -> RunConfig:
     top-level keys a strategy claims (`replay_per_task`) become its options, validated by its class."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    if isinstance(data.get("options"), dict):  # dataclasses.asdict(cfg) (best.yaml, manifests) reads back
+        data = {**{k: v for k, v in data.items() if k != "options"}, **data["options"]}
     fields = {f.name for f in dataclasses.fields(RunConfig)} - {"options"}
     extra = [k for k in data if k not in fields]
     entries = {e.name: e for e in load_all()} if extra else {}
