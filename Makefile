@@ -26,9 +26,8 @@ run: $(STAMP)
 smoke:
 	$(MAKE) run ARGS=--smoke-test OUT=runs/smoke
 
-# Two workers: the integration modules wait on Ray and subprocesses much of the time (tests/conftest.py groups them).
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_cost.py

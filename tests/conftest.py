@@ -14,25 +14,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
-# `make test` runs the suite on 2 xdist workers (pytest -n 2 --dist loadgroup). Each integration
-# module is one group, so its module-scoped cluster starts once, and the groups go first, longest
-# first (minutes measured in CI), so that neither worker is left with a long one at the end.
-LONGEST_FIRST = ("test_readme", "test_cluster_workflows", "test_parity", "test_fault_tolerance", "test_serve_app")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if not item.get_closest_marker("integration"):
-            return len(LONGEST_FIRST) + 1
-        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    for item in items:
-        if item.get_closest_marker("integration"):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rsplit(".", 1)[-1]))
-    items.sort(key=rank)  # stable: each module keeps its own order
-
-
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one thread; two threads on a busy 2-core box spin for nothing."""
