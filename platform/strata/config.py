@@ -251,8 +251,6 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             kwargs[key] = from_dict(nested, value or {}, f"{where}.{key}")  # `train:` alone = defaults
         elif isinstance(value, list):
             kwargs[key] = tuple(value)
-        elif key == "options" and cls is RunConfig:  # filled by strata.strategies.run_config
-            kwargs[key] = value
         else:
             kwargs[key] = value
     return cls(**kwargs)
