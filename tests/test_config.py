@@ -227,3 +227,12 @@ def test_smoke_test_shrinks_the_run_and_keeps_everything_else() -> None:
     assert (small.backbone.source, small.tasks, small.train.steps, small.n_test) == ("builtin:test", 2, 60, 80)
     assert (small.strategies, small.seed, small.train.batch_size) == (("dgg",), 3, 16)
     assert smoke_test(dataclasses.replace(cfg, tasks=2, train=TrainConfig(steps=10))).train.steps == 10
+
+
+def test_a_strategy_section_that_is_not_a_mapping_and_options_of_the_wrong_class_are_named() -> None:
+    with pytest.raises(ValueError, match=r"run config\.dgg must be a mapping, got int"):
+        run_config({"dgg": 5}, "run config")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in run config: seqlora"):  # it has no options
+        run_config({"seqlora": {}}, "run config")
+    with pytest.raises(ValueError, match="options of strategy 'dgg' must be a DGGConfig, got ReplayConfig"):
+        make_strategy("dgg", RunConfig(options={"dgg": ReplayConfig()}))

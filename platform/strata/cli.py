@@ -122,9 +122,7 @@ def list_strategies(markdown: bool = typer.Option(False, help="Print the README'
     for col in ("strategy", "what it is", "options (default)"):
         table.add_column(col)
     for e in strategy_registry.load_all():
-        opts = [f"{e.name}.{k}={v}" for k, v in e.defaults().items()]
-        opts += [f"{key} (= {e.name}.{option})" for key, option in e.aliases.items()]
-        table.add_row(e.name, e.summary, "\n".join(opts) or "—")
+        table.add_row(e.name, e.summary, "\n".join(f"{key} ({value})" for key, value in e.option_keys()) or "—")
     console.print(table)
 
 

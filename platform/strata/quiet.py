@@ -43,11 +43,30 @@ def is_verbose() -> bool:
 
 
 def setup(verbose: bool = False) -> None:
-    """Call first in a command: `--verbose` keeps everything, else the noise above is silenced here."""
+    """Call first in a command: `--verbose` keeps everything, else the noise above is silenced here.
+
+    `strata --verbose` and a command's own `--verbose` both land here, in either order: a later
+    verbose call undoes what an earlier quiet one silenced in this process.
+    """
     if verbose:
         os.environ[ENV] = "1"
-    if not is_verbose():
+    if is_verbose():
+        _restore()
+    else:
         _silence()
+
+
+def _restore() -> None:
+    logging.getLogger(BNB_LOGGER).setLevel(logging.NOTSET)
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.NOTSET)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        del os.environ["HF_HUB_DISABLE_PROGRESS_BARS"]
+        if "huggingface_hub" in sys.modules:
+            from huggingface_hub.utils import enable_progress_bars
+
+            enable_progress_bars()
+        if "transformers.utils.logging" in sys.modules:
+            sys.modules["transformers.utils.logging"].enable_progress_bar()
 
 
 def setup_worker() -> None:

@@ -44,6 +44,11 @@ class Entry:
             return {}
         return {f.name: getattr(self.options(), f.name) for f in dataclasses.fields(self.options)}
 
+    def option_keys(self) -> list[tuple[str, str]]:
+        """(run-config key, what it sets) for every option: `dgg.alpha` and its default, then the aliases."""
+        keys = [(f"{self.name}.{k}", _format(v)) for k, v in self.defaults().items()]
+        return keys + [(key, f"= {self.name}.{option}") for key, option in self.aliases.items()]
+
 
 _REGISTRY: dict[str, Entry] = {}
 
@@ -147,7 +152,6 @@ def options_table(only: list[str] | None = None) -> str:
     """The Markdown table of the strategies (default: all) with their options' defaults (README, `strata strategies`)."""
     lines = ["| strategy | what it is | options (default) |", "|---|---|---|"]
     for e in (load_all() if only is None else [get(n) for n in sorted(only)]):
-        opts = [f"`{e.name}.{k}` ({_format(v)})" for k, v in e.defaults().items()]
-        opts += [f"`{key}` (= `{e.name}.{option}`)" for key, option in e.aliases.items()]
+        opts = [f"`{key}` ({value})" for key, value in e.option_keys()]
         lines.append(f"| `{e.name}` | {e.summary} | {', '.join(opts) or '—'} |")
     return "\n".join(lines)
