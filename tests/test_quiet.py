@@ -122,7 +122,7 @@ def test_the_hook_reaches_actors_and_the_actors_they_start() -> None:
 def test_a_commands_verbose_undoes_the_quiet_default_of_strata_itself(monkeypatch) -> None:
     import logging
 
-    monkeypatch.delenv(quiet.ENV, raising=False)
+    monkeypatch.setenv(quiet.ENV, "0")  # recorded first, so teardown restores what was there before
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     quiet.setup(False)  # `strata` itself, before the command
     assert logging.getLogger(quiet.BNB_LOGGER).level == logging.ERROR
@@ -130,5 +130,5 @@ def test_a_commands_verbose_undoes_the_quiet_default_of_strata_itself(monkeypatc
     assert logging.getLogger(quiet.BNB_LOGGER).level == logging.NOTSET
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ and not quiet.runtime_env({}).get(
         "worker_process_setup_hook")
-    monkeypatch.delenv(quiet.ENV, raising=False)
+    os.environ[quiet.ENV] = "0"
     quiet.setup(False)  # leave this process quiet, as the other tests expect

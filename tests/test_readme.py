@@ -145,7 +145,8 @@ def test_a_new_user_follows_the_readme_to_a_served_answer(tmp_path: Path) -> Non
     work = tmp_path / "clone"
     copy_tree(work)
     (work / "walkthrough.sh").write_text(script(work))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # a new user's shell: no Ray address, and Strata's default (quiet) output
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "STRATA_VERBOSE")}
     proc = subprocess.run(["bash", "walkthrough.sh"], cwd=work, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=1500, check=False)
     log = proc.stdout
