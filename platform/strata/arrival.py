@@ -123,7 +123,7 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
     entry = s.coord.begin_task(s.name, task, s.owner)
     served = keep_copy(s.state_dir, s.out / ".served")
     try:
-        trained = train(s, ctx, entry["run_id"])
+        trained = train(s, ctx, entry["run_id"], vals[task])
         s.strategy.after_task(ctx, read_table(train_paths[task]))
         model, processor = eval_model(s.cfg, s.backbone_path, s.strategy, ctx)
         ref = push_candidate(s, ctx, trained)
@@ -159,18 +159,22 @@ def keep_copy(state_dir: Path, dest: Path) -> Path:
     """Copy the served state aside before a task changes it (an empty directory when there is none)."""
     shutil.rmtree(dest, ignore_errors=True)
     if state_dir.exists():
-        # rows.parquet is this task's mixed training table, rewritten by every task: not state.
-        shutil.copytree(state_dir, dest, symlinks=True, ignore=shutil.ignore_patterns("rows.parquet"))
+        # rows.parquet and val.parquet are this task's training inputs, rewritten by every task: not state.
+        shutil.copytree(state_dir, dest, symlinks=True, ignore=shutil.ignore_patterns("rows.parquet", "val.parquet"))
     else:
         dest.mkdir(parents=True)
     return dest
 
 
-def train(s: StrategyStream, ctx: TaskContext, run_id: str) -> dict:
-    """Mix the rows and train the task on Ray Train (or in this process); returns the final metrics."""
-    rows_path = s.state_dir / "rows.parquet"
+def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> dict:
+    """Mix the rows and train the task on Ray Train (or in this process); returns the final metrics.
+
+    `val` (the task's own val rows) drives early stopping."""
+    rows_path, val_path = s.state_dir / "rows.parquet", s.state_dir / "val.parquet"
     write_table(s.strategy.training_table(ctx, read_table(ctx.train_paths[ctx.name])), rows_path)
-    job = TaskJob(s.strategy, ctx, str(rows_path), s.cfg.train, s.cfg.backbone, str(s.backbone_path))
+    write_table(val, val_path)
+    job = TaskJob(s.strategy, ctx, str(rows_path), s.cfg.train, s.cfg.backbone, str(s.backbone_path),
+                  val_path=str(val_path))
     if s.cfg.train.executor == "local":
         trained = fit_local(job)
     else:

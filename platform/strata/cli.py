@@ -76,7 +76,7 @@ def run(
         f"Strategy to run; repeat for several. One of: {', '.join(strategy_registry.names())} "
         "(their options: `strata strategies`).")),
     tasks: int | None = typer.Option(None, help="How many tasks of the stream to learn."),
-    steps: int | None = typer.Option(None, help="Optimizer steps per task."),
+    steps: int | None = typer.Option(None, help="Most optimizer steps per task (early stopping on val usually ends sooner)."),
     out: str | None = typer.Option(None, help="Output directory."),
     seed: int | None = typer.Option(None, help="Seed for data, init and sampling."),
     backbone: str | None = typer.Option(None, help="builtin:tiny, builtin:test, or a local model dir."),

@@ -101,7 +101,9 @@ def check_positive(owner: object, section: str, *, at_least_zero: tuple[str, ...
 class TrainConfig:
     """How each task is trained, and on what: Ray Train scaling, storage, fault tolerance, precision."""
 
-    steps: int = 100  # optimizer steps per task; more steps learn more and forget more
+    steps: int = 300  # the most optimizer steps per task; early stopping on val usually ends sooner
+    val_every: int = 25  # steps between val-loss checks for early stopping (0: always train every step)
+    patience: int = 2  # val checks in a row without a 1% better val loss before the task stops
     batch_size: int = 32  # global batch, split across workers
     lr: float = 2e-3
     weight_decay: float = 0.0
@@ -122,7 +124,7 @@ class TrainConfig:
     executor: str = "ray"  # "ray": Ray Train workers; "local": the same loop in this process (1 worker)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "num_workers", "report_every"):
+        for name in ("steps", "batch_size", "num_workers", "report_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.num_workers:
@@ -135,7 +137,7 @@ class TrainConfig:
         if self.lr < 0:  # lr = 0 is allowed: a sweep's known-bad control trains nothing
             raise ValueError(f"train.lr must be >= 0, got {self.lr}")
         check_positive(self, "train", at_least_zero=("max_failures", "checkpoint_every", "weight_decay",
-                                                       "max_grad_norm"))
+                                                       "max_grad_norm", "val_every"))
         for key, amount in self.resources_per_worker.items():
             if key in ("CPU", "GPU") or not isinstance(amount, (int, float)) or amount <= 0:
                 raise ValueError(f"train.resources_per_worker[{key!r}] must be a custom resource with an "

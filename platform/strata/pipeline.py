@@ -33,7 +33,8 @@ from strata.data.schema import load_dataset, write_table
 from strata.digest import file_sha256
 from strata.eval.evaluate import TaskResult
 from strata.eval.metrics import summarize
-from strata.eval.report import comparison_table, matrix_table, save_results
+from strata.eval.baselines import task_baselines
+from strata.eval.report import comparison_table, matrix_table, save_results, task_table
 from strata.eval.scoring import SCORER_VERSION
 from strata.strategies import make_strategy
 from strata.train.driver import init_ray
@@ -66,7 +67,8 @@ def split(table: pa.Table, name: str) -> pa.Table:
 
 def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict[str, pa.Table],
                  train_paths: dict[str, str], tests: dict[str, Encoded], backbone_path: Path, base: list[float],
-                 progress: Progress, coord: Coordinator, on_task: TaskCallback | None = None) -> dict:
+                 progress: Progress, coord: Coordinator, on_task: TaskCallback | None = None,
+                 baselines: dict[str, dict] | None = None) -> dict:
     """Learn the whole stream with one strategy; write metrics, plot, predictions and manifest."""
     s = StrategyStream(cfg, name, backbone_path, coord)
     coord.reset(name, s.owner)  # a run starts from the frozen backbone (refused while another job trains it)
@@ -94,6 +96,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     sizes = [len(tests[t]) for t in tasks]
     timeline = coord.timeline(name)
     extra = {"test_sizes": sizes, "base_accuracy": base, "scorer_version": SCORER_VERSION, "training": training,
+             "baselines": baselines or {},
              **summarize(R, sizes, base),
              "gate": {"mode": cfg.gate.mode,
                       "failed": [e["task"] for e in timeline if not e.get("gate", {}).get("passed", True)],
@@ -175,11 +178,13 @@ def run(cfg: RunConfig, console: Console | None = None, on_task: TaskCallback | 
         zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
         base = [zero_shot[t].accuracy for t in files]
         coord = coordinator(cfg)
+        baselines = {t: task_baselines(tab) for t, tab in tables.items()}
         results = {s: run_strategy(cfg, s, files, tables, train_paths, tests, backbone_path, base, progress,
-                                   coord, on_task)
+                                   coord, on_task, baselines)
                    for s in cfg.strategies}
     for name, m in results.items():
         console.print(matrix_table(m["accuracy_matrix"], m["tasks"], f"{name}: R[t][i] (%)"))
+    console.print(task_table(results, baselines))
     console.print(comparison_table(results))
     write_text(out / "summary.json", json.dumps(results, indent=2))
     console.print(f"results in {out}")

@@ -27,6 +27,7 @@ from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
+from strata.generation import generate
 from strata.hooks import TaskContext
 from strata.strategies import make_strategy
 from strata.train.loop import train_task
@@ -213,7 +214,12 @@ def test_generate_matches_step_by_step_greedy_decoding(test_spec, backbone_dir, 
     perturb(model)
     model.eval()
     tok = processor.tokenizer
-    prompt = collate(encode_table(processor, rows.slice(0, 2), with_answers=False), tok.pad_token_id, left_pad=True)
+    enc = encode_table(processor, rows, with_answers=False)
+    # Two prompts of one length: the plain loop below passes no position ids, so it is only a
+    # reference without padding; left padding is checked against one-by-one decoding at the end.
+    same = next([i, j] for i in range(len(enc)) for j in range(i + 1, len(enc))
+                if enc.prompt_lengths[i] == enc.prompt_lengths[j])
+    prompt = collate(enc.select(same), tok.pad_token_id, left_pad=True)
     prompt.pop("labels")
     steps = 4
     with torch.no_grad():
@@ -226,6 +232,9 @@ def test_generate_matches_step_by_step_greedy_decoding(test_spec, backbone_dir, 
             nxt = logits.argmax(-1, keepdim=True)
             ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     assert torch.equal(out[:, -steps:], ids[:, -steps:])
+    assert len(set(enc.prompt_lengths)) > 1  # the batch below is left-padded
+    batched = [g.tokens for g in generate(model, processor, enc, steps, batch_size=len(enc))]
+    assert batched == [g.tokens for g in generate(model, processor, enc, steps, batch_size=1)]
 
 
 @pytest.mark.parametrize(("first", "second"), [("bottleneck", "bitfit"), ("bitfit", "bitfit"), ("lora", "prefix"),

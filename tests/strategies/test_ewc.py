@@ -11,11 +11,21 @@ import pytest
 import torch
 from reporting import Collector
 
+from strata.adapters.lora import named_adapter_parameters
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, TrainConfig
 from strata.data.benchmark import generate_task
+from strata.data.collate import collate, encode_table
 from strata.hooks import TaskContext
-from strata.strategies.ewc import EWC, STATE_FILE, EWCConfig, ewc_penalty, load_state, save_state
+from strata.strategies.ewc import (
+    EWC,
+    STATE_FILE,
+    EWCConfig,
+    estimate_fisher,
+    ewc_penalty,
+    load_state,
+    save_state,
+)
 from strata.train.checkpoint import STATE
 from strata.train.loop import train_task
 
@@ -78,7 +88,7 @@ def train_rows(task: str) -> pa.Table:
                          ids=lambda s: s.kind)
 def test_fisher_on_the_test_backbone(spec: AdapterSpec, test_spec, backbone_dir, tmp_path: Path) -> None:
     state = tmp_path / "state"
-    ewc = EWC(adapter=spec, opts=EWCConfig(weight=10.0, fisher_rows=8, fisher_batch=4))
+    ewc = EWC(adapter=spec, opts=EWCConfig(weight=10.0, fisher_rows=8))
     first = ctx(0, state)
     rows = train_rows("colour")
     model, processor = load_backbone(test_spec, backbone_dir)
@@ -133,3 +143,26 @@ def test_first_task_has_no_penalty_and_bad_state_is_refused(test_spec, backbone_
     save_state(tmp_path, {"not.a.param": torch.ones(1)}, {"not.a.param": torch.ones(1)})
     with pytest.raises(ValueError, match="do not line up"):
         ewc.before_task(*load_backbone(test_spec, backbone_dir), ctx(1, tmp_path, "shape"))
+
+
+def test_the_fisher_is_per_row_not_per_batch(test_spec, backbone_dir, tmp_path: Path) -> None:
+    """F = mean over rows of (∇ answer log-likelihood)², which a batch-mean gradient would shrink."""
+    ewc = EWC(adapter=LORA)
+    model, processor = load_backbone(test_spec, backbone_dir)
+    model = ewc.before_task(model, processor, ctx(0, tmp_path)).eval()  # eval: no adapter dropout
+    rows = train_rows("colour").slice(0, 3)
+    with torch.no_grad():  # non-zero B, so every LoRA parameter has a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    params = named_adapter_parameters(model, "shared")
+    fisher = estimate_fisher(model, processor, rows, "shared")
+    enc = encode_table(processor, rows, with_answers=True)
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(enc)):
+        batch = collate(enc.select([i]), processor.tokenizer.pad_token_id)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="sum")
+        for n, g in zip(params, torch.autograd.grad(nll, list(params.values()))):
+            expected[n] += g.pow(2) / len(enc)
+    torch.testing.assert_close(fisher, expected, rtol=1e-4, atol=1e-9)

@@ -4,6 +4,7 @@ anything but the current task's adapter (the backbone and earlier adapters stay 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +19,7 @@ from strata.config import AdapterSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.hooks import Strategy, TaskContext
 from strata.strategies import make_strategy
-from strata.train.loop import step_indices, train_task
+from strata.train.loop import EarlyStop, step_indices, train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
 
@@ -249,3 +250,27 @@ def test_bf16_and_gradient_checkpointing_switches(test_spec, backbone_dir, rows,
         assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert losses["checkpointing"] == pytest.approx(losses["plain"], rel=1e-5)
     assert losses["bf16"] != losses["plain"] and losses["bf16"] == pytest.approx(losses["plain"], rel=0.05)
+
+
+# ---- early stopping ----------------------------------------------------------------------------
+
+def test_early_stop_waits_for_patience_checks_without_a_one_percent_gain() -> None:
+    stop = EarlyStop(patience=2)
+    assert [stop.should_stop(x) for x in (1.0, 0.5, 0.499, 0.3, 0.3, 0.31)] == [False, False, False, False, False, True]
+
+
+def test_a_task_stops_once_its_val_loss_stops_improving(backbone, rows, tmp_path: Path) -> None:
+    model, processor = backbone
+    report = Collector(tmp_path / "kept")
+    # lr 0: the val loss never moves, so the checks at 5 (the first best), 10 and 15 end the task at 15.
+    cfg = TrainConfig(steps=200, batch_size=4, lr=0.0, checkpoint_every=0, val_every=5, patience=2)
+    val = rows["colour"].slice(0, 12)
+    final = train_task(model, processor, strategy("seqlora"), ctx(0, "colour", tmp_path / "state"),
+                       rows["colour"], cfg, report, val_rows=val)
+    assert final["step"] == 15 and final["stopped_early"] and final["val_loss"] > 0
+    assert [m["step"] for m, _ in report.reports] == list(range(1, 16))
+    assert report.reports[-1][1] is not None  # the adapter at the stop is what gets installed
+    # Without val rows (or with val_every 0) the cap is the number of steps.
+    full = train_task(model, processor, strategy("seqlora"), ctx(0, "colour", tmp_path / "state2"),
+                      rows["colour"], replace(cfg, steps=20, val_every=0), Collector(), val_rows=val)
+    assert full["step"] == 20 and not full["stopped_early"] and full["val_loss"] is None

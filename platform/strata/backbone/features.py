@@ -34,13 +34,15 @@ def pooled_features(model: torch.nn.Module, processor, enc: Encoded, batch_size:
     tok = processor.tokenizer
     off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     chunks = []
+    device = next(model.parameters()).device
     with off:
         for start in range(0, len(enc), batch_size):
             batch = collate(enc.select(list(range(start, min(start + batch_size, len(enc))))), tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             answer = batch.pop("labels") != -100
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
             is_image, is_text = modality_masks(model, batch)
             is_text &= ~answer
             image, text = masked_mean(hidden, is_image), masked_mean(hidden, is_text)
             chunks.append(torch.cat([F.normalize(image, dim=-1), F.normalize(text, dim=-1)], dim=-1))
-    return torch.cat(chunks)
+    return torch.cat(chunks).cpu()  # routers are kept and compared on the CPU

@@ -1,8 +1,10 @@
 """The built-in backbone recipe: a tiny LLaVA (CLIP tower, projector, Llama LM) made in-process.
 
-No weights can be downloaded, so Strata ships a recipe: a BPE tokenizer and image processor
-built here, a model from config, and a few CPU minutes of caption pretraining on procedurally
-drawn scenes. The result is cached under the user's cache dir, keyed by the recipe's hash.
+No weights can be downloaded, so Strata ships a recipe: a BPE tokenizer (common English words
+whole) and an image processor built here, a model from config, and a few CPU minutes of
+pretraining on a procedurally drawn mixture of captions, questions and rendered words
+(strata/data/pretraining.py). The result is cached under the user's cache dir, keyed by the
+recipe's hash.
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from strata.data import benchmark
+from strata.data import pretraining
 from strata.data.collate import collate, encode_table
-from strata.data.template import EOS, IMAGE_TOKEN
+from strata.data.template import EOS, IMAGE_TOKEN, render_answer, render_prompt
 
-RECIPE_VERSION = "3"  # bump when the code below changes what a recipe produces
+RECIPE_VERSION = "5"  # bump when the code below changes what a recipe produces
 SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
 
 
@@ -46,15 +48,15 @@ SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
 class TinyRecipe:
     """Everything that determines the built-in backbone's weights."""
 
-    width: int = 64
-    vision_layers: int = 2
-    text_layers: int = 3
+    width: int = 128
+    vision_layers: int = 3
+    text_layers: int = 4
     heads: int = 4
     image_size: int = 48
     patch_size: int = 8
-    vocab_size: int = 600
-    corpus_size: int = 6000  # pretraining captions (scenes drawn once, reused across epochs)
-    steps: int = 3000  # about 3 CPU minutes on 2 cores at the defaults
+    vocab_size: int = 3000  # enough for the common English words to stay whole
+    corpus_size: int = 12000  # pretraining rows (drawn once, reused across epochs)
+    steps: int = 3000  # about 13 CPU minutes on 2 cores at the defaults (builtin:tiny ships built)
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -67,8 +69,8 @@ class TinyRecipe:
 
 RECIPES = {
     "builtin:tiny": TinyRecipe(),
-    # Small enough that a test session pretrains it in well under a minute.
-    "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=3000, steps=900),
+    # Small enough that a test session pretrains it in under a minute.
+    "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=2000, steps=500),
 }
 
 
@@ -79,8 +81,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "strata"
 
 
+def tokenizer_text(rows: list[pretraining.Row]) -> list[str]:
+    """The tokenizer's training text: English words and the pretraining rows, in the chat template,
+    so its words and markers become whole tokens. Nothing of the built-in stream: changing a
+    task's wording must not change the backbone."""
+    return [render_prompt(t, has_image=True) + render_answer(t) for t in pretraining.tokenizer_text(rows)]
+
+
 def build_processor(recipe: TinyRecipe, texts: list[str]) -> LlavaProcessor:
-    """Train a byte-level BPE on the benchmark's vocabulary and pair it with a CLIP processor."""
+    """Train a byte-level BPE on `texts` and pair it with an image processor for any image size."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -99,9 +108,9 @@ def build_processor(recipe: TinyRecipe, texts: list[str]) -> LlavaProcessor:
         unk_token="<unk>",
         extra_special_tokens={"image_token": IMAGE_TOKEN},
     )
-    size = {"shortest_edge": recipe.image_size}
-    crop = {"height": recipe.image_size, "width": recipe.image_size}
-    images = CLIPImageProcessorPil(size=size, crop_size=crop)
+    # Resized whole to a square, never cropped: an object in a corner of a wide image stays in view.
+    square = {"height": recipe.image_size, "width": recipe.image_size}
+    images = CLIPImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
     return LlavaProcessor(
         image_processor=images,
         tokenizer=fast,
@@ -144,10 +153,10 @@ def pretrain(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
     recipe: TinyRecipe,
+    corpus: list[pretraining.Row],
     progress: Callable[[int, float], None] | None = None,
 ) -> float:
-    """Full-parameter caption pretraining; returns the final smoothed loss."""
-    corpus = benchmark.pretraining_corpus(recipe.seed, recipe.corpus_size, recipe.image_size)
+    """Full-parameter pretraining on the mixture's rows; returns the final smoothed loss."""
     table = pa.table({
         "image": [img for img, _, _ in corpus],
         "prompt": [prompt for _, prompt, _ in corpus],
@@ -178,10 +187,20 @@ def pretrain(
     return float(ema)
 
 
+SHIPPED = Path(__file__).parent / "shipped"  # built weights committed with the recipe: <short name>/
+
+
+def _ready(directory: Path, recipe: TinyRecipe) -> bool:
+    """A finished build of exactly this recipe (strata_recipe.json is written last)."""
+    meta = directory / "strata_recipe.json"
+    return meta.exists() and json.loads(meta.read_text()).get("key") == recipe.key()
+
+
 def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
-    """Return the cached directory of a built-in backbone, building and pretraining it if absent."""
-    recipe = RECIPES[name]
-    final = cache_root() / "backbones" / f"{name.split(':')[1]}-{recipe.key()}"
+    """Return the cached directory of a built-in backbone: the shipped build of its recipe when the
+    repository has one, else built and pretrained here."""
+    recipe, short = RECIPES[name], name.split(":")[1]
+    final = cache_root() / "backbones" / f"{short}-{recipe.key()}"
     if (final / "strata_recipe.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -190,22 +209,37 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "strata_recipe.json").exists():
             return final
-        return _build(recipe, final, progress)
+        if _ready(SHIPPED / short, recipe):
+            return _install(lambda tmp: shutil.copytree(SHIPPED / short, tmp, dirs_exist_ok=True), final)
+        return build(recipe, final, progress)
 
 
-def _build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None] | None) -> Path:
+def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None] | None = None) -> Path:
+    """Build, pretrain and save a recipe's backbone into `final` (atomically); returns `final`."""
     started = time.time()
-    processor = build_processor(recipe, benchmark.vocabulary_text())
+    corpus = pretraining.corpus(recipe.seed, recipe.corpus_size, recipe.image_size)
+    processor = build_processor(recipe, tokenizer_text(corpus))
     model = build_model(recipe, processor)
-    loss = pretrain(model, processor, recipe, progress)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
-    try:
+    loss = pretrain(model, processor, recipe, corpus, progress)
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         meta = {"recipe": dataclasses.asdict(recipe), "key": recipe.key(), "final_loss": loss,
                 "seconds": round(time.time() - started, 1)}
         # Written last: a directory without it is an unfinished build and is never used.
         (tmp / "strata_recipe.json").write_text(json.dumps(meta, indent=2))
+
+    return _install(save, final)
+
+
+def _install(fill: Callable[[Path], object], final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".tmp-"))
+    try:
+        fill(tmp)
+        if final.exists() and not (final / "strata_recipe.json").exists():
+            shutil.rmtree(final)  # an unfinished build left by a killed process
         os.replace(tmp, final)
     except OSError:
         if not (final / "strata_recipe.json").exists():
@@ -214,3 +248,17 @@ def _build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _print_progress(step: int, loss: float) -> None:
+    if step % 250 == 0:
+        print(f"step {step} loss {loss:.3f}", flush=True)
+
+
+if __name__ == "__main__":  # python -m strata.backbone.tiny builtin:tiny  (rebuilds its shipped weights)
+    import sys
+
+    target = sys.argv[1]
+    dest = Path(sys.argv[2]) if len(sys.argv) > 2 else SHIPPED / target.split(":")[1]
+    shutil.rmtree(dest, ignore_errors=True)
+    print(build(RECIPES[target], dest, _print_progress))

@@ -53,6 +53,25 @@ def matrix_table(R: Matrix, tasks: Sequence[str], title: str) -> Table:
     return table
 
 
+def task_table(results: Mapping[str, Mapping[str, Any]], baselines: Mapping[str, Mapping[str, Any]]) -> Table:
+    """One row per task: its two baselines, then per strategy its accuracy right after learning the
+    task (R[t][t]) and at the end of the stream (R[T-1][t])."""
+    table = Table(title="per task: baselines, accuracy when learned → at the end (%)")
+    table.add_column("task", style="bold")
+    table.add_column("constant", justify="right")
+    table.add_column("pixels", justify="right")
+    for name in results:
+        table.add_column(str(name), justify="right")
+    tasks = next(iter(results.values()))["tasks"] if results else []
+    for i, task in enumerate(tasks):
+        cells = [_fmt(baselines.get(task, {}).get("constant")), _fmt(baselines.get(task, {}).get("pixels"))]
+        for r in results.values():
+            A = to_array(r["accuracy_matrix"])
+            cells.append(f"{_fmt(A[i, i])} → {_fmt(A[-1, i])}")
+        table.add_row(str(task), *cells)
+    return table
+
+
 def comparison_table(results: Mapping[str, Mapping[str, Any]]) -> Table:
     """One row per strategy: FAA, MFN, MFT, MAA, BWT, FWT, F, router acc (if any), and gate failures."""
     with_router = any("router_accuracy" in r for r in results.values())

@@ -23,7 +23,7 @@ import torch
 
 from strata.adapters import custom
 from strata.adapters import modality_lora as ml
-from strata.data.benchmark import pretraining_corpus
+from strata.data import pretraining
 from strata.data.collate import Encoded, collate, encode_table
 from strata.data.schema import read_table
 from strata.hooks import Strategy, TaskContext
@@ -34,15 +34,15 @@ from strata.strategies import register
 @functools.lru_cache(maxsize=2)
 def _corpus(seed: int, n: int, image_size: int) -> tuple[tuple[bytes, str, str], ...]:
     # Drawing thousands of scenes takes about a second: MoDE and the coupled probe share one draw.
-    return tuple(pretraining_corpus(seed, n, image_size))
+    return tuple(pretraining.corpus(seed, n, image_size))
 
 
 def pretraining_reference(backbone_dir: Path, rows: int, seed: int) -> pa.Table:
-    """A deterministic sample (seeded by `seed`) of `rows` captions from a built-in backbone's own
-    pretraining corpus, rebuilt from the recipe it records."""
+    """A deterministic sample (seeded by `seed`) of `rows` rows of a built-in backbone's own
+    pretraining mixture (captions, questions, rendered words), rebuilt from the recipe it records."""
     recipe_file = Path(backbone_dir) / "strata_recipe.json"
     if not recipe_file.exists():
-        raise ValueError(f"mode.reference='pretraining' needs the backbone's pretraining captions, but "
+        raise ValueError(f"mode.reference='pretraining' needs the backbone's pretraining rows, but "
                          f"{backbone_dir} is not a built-in backbone (no strata_recipe.json); set "
                          "mode.reference to a Parquet dataset of reference rows instead")
     recipe = json.loads(recipe_file.read_text())["recipe"]
@@ -154,7 +154,8 @@ class MoDE(Strategy):
             raise RuntimeError("MoDE.loss before before_task: the reference set is not built")
         rng = random.Random(f"mode-kd:{self.seed[0]}:{self.seed[1]}:{step}")
         idx = rng.sample(range(len(self.reference)), min(self.opts.kd_batch, len(self.reference)))
-        ref = collate(self.reference.select(idx), self.pad_id)
+        device = batch["input_ids"].device
+        ref = {k: v.to(device) for k, v in collate(self.reference.select(idx), self.pad_id).items()}
         mask = target_mask(ref.pop("labels"))  # (B, L): positions predicting a caption token
         with torch.no_grad(), ml.adapters_disabled(model):
             teacher = model(**ref).logits  # (B, L, V)

@@ -59,6 +59,7 @@ class TaskJob:
     train: TrainConfig
     backbone: BackboneSpec
     backbone_path: str
+    val_path: str | None = None  # Parquet of the task's own val rows, for early stopping
     threads_per_worker: int = 1  # set by fit_task from the CPUs each worker gets
 
 
@@ -73,14 +74,15 @@ def _worker(config: dict) -> None:
     def report(metrics: dict, ckpt: Path | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
-    rows, own = read_table(job.rows_path), read_table(job.ctx.train_paths[job.ctx.name])
+    data = {"rows": read_table(job.rows_path), "task_rows": read_table(job.ctx.train_paths[job.ctx.name]),
+            "val_rows": read_table(job.val_path) if job.val_path else None}
     latest = ray.train.get_checkpoint()  # set when FailureConfig restarted the worker group
     if latest is None:
-        train_task(backbone, processor, job.strategy, job.ctx, rows, job.train, report, device=device, task_rows=own)
+        train_task(backbone, processor, job.strategy, job.ctx, cfg=job.train, report=report, device=device, **data)
         return
     with latest.as_directory() as ckpt:
-        train_task(backbone, processor, job.strategy, job.ctx, rows, job.train, report,
-                   resume=Path(ckpt), device=device, task_rows=own)
+        train_task(backbone, processor, job.strategy, job.ctx, cfg=job.train, report=report, resume=Path(ckpt),
+                   device=device, **data)
 
 
 def quiet_per_step_reports() -> None:
@@ -148,7 +150,8 @@ def fit_local(job: TaskJob) -> dict:
             final.update(metrics)
 
     train_task(backbone, processor, job.strategy, job.ctx, read_table(job.rows_path), job.train, report,
-               task_rows=read_table(job.ctx.train_paths[job.ctx.name]))
+               task_rows=read_table(job.ctx.train_paths[job.ctx.name]),
+               val_rows=read_table(job.val_path) if job.val_path else None)
     return final
 
 

@@ -25,6 +25,7 @@ from strata.hooks import Strategy, TaskContext
 from strata.train.checkpoint import ADAPTER, RESUME, STATE, load_resume, save_resume
 from strata.train.engine import make_engine
 
+MAX_VAL_ROWS = 256  # val rows an early-stop check reads: enough for a stable loss, cheap every 25 steps
 Reporter = Callable[[dict, Path | None], None]  # (metrics, checkpoint dir or None; see train/checkpoint.py)
 
 
@@ -51,6 +52,36 @@ def answer_tokens(batch: dict, distributed: bool) -> torch.Tensor:
     return count
 
 
+class EarlyStop:
+    """Stop once the val loss has not improved by 1% for `patience` checks in a row."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.stale = patience, math.inf, 0
+
+    def should_stop(self, loss: float) -> bool:
+        if loss < 0.99 * self.best:
+            self.best, self.stale = loss, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
+@torch.no_grad()
+def val_loss(engine, model: torch.nn.Module, val, pad_id: int, device: torch.device, batch_size: int = 64) -> float:
+    """Mean cross-entropy per answer token on the val rows (every rank computes the same number)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(val), batch_size):
+        idx = list(range(start, min(start + batch_size, len(val))))
+        batch = {k: v.to(device) for k, v in collate(val.select(idx), pad_id).items()}
+        n = answer_tokens(batch, distributed=False)
+        with engine.autocast():
+            total += engine.forward(batch, num_items_in_batch=n).loss.float().item() * n.item()
+        count += n.item()
+    model.train()
+    return total / max(count, 1)
+
+
 def train_task(
     backbone: torch.nn.Module,
     processor,
@@ -63,12 +94,15 @@ def train_task(
     resume: Path | None = None,
     device: torch.device | None = None,
     task_rows: pa.Table | None = None,
+    val_rows: pa.Table | None = None,
 ) -> dict:
     """Train the strategy's adapter for one task and report the saved adapter; returns metrics.
 
     Every step reports its metrics; every `cfg.checkpoint_every` steps the report carries a
     resumable checkpoint, and `resume` (a checkpoint's directory) continues from one. `task_rows`
-    are the task's own train rows for `finish_task` (default: `rows`).
+    are the task's own train rows for `finish_task` (default: `rows`). With `val_rows` (the task's
+    own) and `cfg.val_every`, training stops early once the val loss stops improving
+    (`cfg.patience` checks); `cfg.steps` is then a cap.
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -103,10 +137,14 @@ def train_task(
         if rank == 0:
             print(f"[{strategy.name}] {ctx.name}: resumed from the checkpoint at step {done}", flush=True)
     engine = make_engine(model, params, opt, sched, cfg, device, distributed, per_rank)
+    check_val = cfg.val_every > 0 and val_rows is not None and len(val_rows) > 0
+    val = encode_table(processor, val_rows.slice(0, MAX_VAL_ROWS), with_answers=True) if check_val else None
+    stopper, last_val = EarlyStop(cfg.patience), None  # None: not checked (JSON has no NaN)
 
     model.train()
     started = time.time()
     batches = step_indices(len(enc), cfg, ctx.index)
+    step = first - 1
     for step in range(first, cfg.steps + 1):
         shard = batches[step - 1][rank * per_rank : (rank + 1) * per_rank]
         batch = {k: v.to(device) for k, v in collate(enc.select(shard), pad_id).items()}
@@ -128,11 +166,17 @@ def train_task(
 
         value = outputs.loss.item() * world  # this rank's task CE (strategy terms not included)
         loss_ema = value if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * value
-        if rank == 0 and (step % log_every == 0 or step == cfg.steps):
-            print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}", flush=True)
-        if step == cfg.steps:
+        stop = step == cfg.steps
+        if val is not None and step % cfg.val_every == 0 and not stop:
+            last_val = val_loss(engine, model, val, pad_id, device)
+            stop = stopper.should_stop(last_val)
+        if rank == 0 and (step % log_every == 0 or stop):
+            ended = f", stopped early (val loss {last_val:.4f})" if stop and step < cfg.steps else ""
+            print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}{ended}", flush=True)
+        if stop:
             break
-        metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": engine.lr(), **strategy.metrics()}
+        metrics = {"task": ctx.name, "step": step, "loss": loss_ema, "lr": engine.lr(), "val_loss": last_val,
+                   **strategy.metrics()}
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and engine.resumable:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
@@ -144,7 +188,9 @@ def train_task(
     model.eval()
     final = {
         "task": ctx.name,
-        "step": cfg.steps,
+        "step": step,
+        "stopped_early": step < cfg.steps,
+        "val_loss": last_val,
         "loss": loss_ema,
         "train_seconds": time.time() - started,
         "trainable_params": n_trainable,

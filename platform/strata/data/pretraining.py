@@ -1,0 +1,157 @@
+"""The built-in backbone's pretraining mixture: captions, question-answer pairs and rendered words.
+
+The built-in backbone is frozen and its LM head shares the input embeddings, so a word that
+pretraining never made the model say keeps its random embedding, and no adapter can then make the
+model say it: that is why a yes/no adapter used to answer "yes" to every row (docs/ARCHITECTURE.md,
+"The built-in backbone"). So pretraining makes the model produce every word an arriving task is
+likely to answer with: yes and no, relation and size words, counts, colours and shapes, and the
+common English words of `english_words.txt`, shown as rendered text. Its questions and answers are
+phrased as sentences, unlike the instruction tasks' one-word answers, so the built-in stream is
+not solved zero-shot; its features must still carry what those tasks ask about.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from functools import cache
+from importlib import resources
+
+from PIL import Image, ImageDraw, ImageFont
+
+from strata.data.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, draw, png_bytes, random_scene
+from strata.data.scenes import caption as scene_caption
+
+DESCRIBE = "Describe the image."
+Row = tuple[bytes, str, str]  # (PNG bytes, prompt, answer)
+
+
+@cache
+def english_words() -> tuple[str, ...]:
+    """The common English words the tokenizer keeps whole and pretraining renders."""
+    text = resources.files("strata.data").joinpath("english_words.txt").read_text()
+    return tuple(w for line in text.splitlines() if not line.startswith("#") for w in line.split())
+
+
+def relation(a: Obj, b: Obj) -> str:
+    """Where `a` is relative to `b`: left/right when their columns differ, else above/below."""
+    if a.col != b.col:
+        return "left" if a.col < b.col else "right"
+    return "above" if a.row < b.row else "below"
+
+
+def _relation_phrase(a: Obj, b: Obj) -> str:
+    word = relation(a, b)
+    return f"{word} of" if word in ("left", "right") else word
+
+
+def rich_caption(scene: Scene) -> str:
+    """A caption: object count, every object, and one spatial relation."""
+    n = len(scene.objects)
+    text = f"{n} object{'s' if n > 1 else ''}: {scene_caption(scene)}"
+    if n > 1:
+        a, b = sorted(scene.objects, key=lambda o: (o.row, o.col))[:2]
+        text += f" the {a.kind} is {_relation_phrase(a, b)} the {b.kind}."
+    return text
+
+
+def _scene_row(rng: random.Random, scene: Scene, size: int, prompt: str, answer: str) -> Row:
+    return png_bytes(draw(scene, rng, size)), prompt, answer
+
+
+def _caption(rng: random.Random, size: int) -> Row:
+    domain = "shift" if rng.random() < 0.15 else "default"  # some dim, textured scenes: varied light
+    scene = random_scene(rng, rng.randint(1, 4), domain)
+    return _scene_row(rng, scene, size, DESCRIBE, rich_caption(scene))
+
+
+def _presence(rng: random.Random, size: int) -> Row:
+    scene = random_scene(rng, rng.randint(1, 3), distinct_kinds=True)
+    present = {o.kind for o in scene.objects}
+    if rng.random() < 0.5:
+        kind = rng.choice(sorted(present))
+        return _scene_row(rng, scene, size, f"Can you see a {kind}?", f"yes, there is a {kind}.")
+    absent = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - present)
+    kind = rng.choice(absent)
+    return _scene_row(rng, scene, size, f"Can you see a {kind}?", f"no, there is no {kind}.")
+
+
+def _how_many(rng: random.Random, size: int) -> Row:
+    n = rng.randint(1, 6)
+    scene = random_scene(rng, n)
+    return _scene_row(rng, scene, size, "Count the shapes.", f"there {'is one shape' if n == 1 else f'are {n} shapes'}.")
+
+
+def _position(rng: random.Random, size: int) -> Row:
+    scene = random_scene(rng, 2, distinct_kinds=True)
+    a, b = rng.sample(scene.objects, 2)
+    return _scene_row(rng, scene, size, f"Where is the {a.kind} compared with the {b.kind}?",
+                      f"the {a.kind} is {_relation_phrase(a, b)} the {b.kind}.")
+
+
+def _bigger(rng: random.Random, size: int) -> Row:
+    a, b = random_scene(rng, 2, distinct_kinds=True).objects
+    a, b = Obj(a.colour, a.shape, "large", a.row, a.col), Obj(b.colour, b.shape, "small", b.row, b.col)
+    scene = Scene(tuple(rng.sample([a, b], 2)))
+    first, second = rng.sample([a, b], 2)
+    word = "larger" if first is a else "smaller"
+    return _scene_row(rng, scene, size, f"Compare the {first.kind} and the {second.kind}.",
+                      f"the {first.kind} is {word} than the {second.kind}.")
+
+
+def _attribute(rng: random.Random, size: int) -> Row:
+    obj = random_scene(rng, 1).objects[0]
+    scene = Scene((obj,))
+    ask = rng.choice(("colour", "shape", "size", "place"))
+    answer = {"colour": obj.colour, "shape": obj.shape, "size": obj.size, "place": obj.location}[ask]
+    return _scene_row(rng, scene, size, f"Tell me the {ask} of the object.", f"its {ask} is {answer}.")
+
+
+def _word(rng: random.Random, size: int) -> Row:
+    word = rng.choice(english_words())
+    return png_bytes(render_word(word, rng, size)), "What is written here?", f"it says {word}."
+
+
+def render_word(word: str, rng: random.Random, size: int) -> Image.Image:
+    """`word` in dark type on a light, noisy background, at a random position that keeps it whole."""
+    noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
+    image = noise.point([226 + v * 24 // 256 for v in range(256)] * 3)
+    pen = ImageDraw.Draw(image)
+    font_size = max(6, size // 4)
+    font = ImageFont.load_default(size=font_size)
+    while font_size > 6 and pen.textbbox((0, 0), word, font=font)[2] > size - 2:
+        font_size -= 1
+        font = ImageFont.load_default(size=font_size)
+    left, top, right, bottom = pen.textbbox((0, 0), word, font=font)
+    x = rng.randint(0, max(0, size - (right - left) - 1)) - left
+    y = rng.randint(0, max(0, size - (bottom - top) - 1)) - top
+    ink = tuple(rng.randint(0, 90) for _ in range(3))
+    pen.text((x, y), word, font=font, fill=ink)
+    return image
+
+
+# Kind of row -> (weight, builder). Captions carry the most; each question kind teaches a skill
+# and its answer words.
+MIXTURE: dict[str, tuple[float, Callable[[random.Random, int], Row]]] = {
+    "caption": (0.30, _caption),
+    "presence": (0.12, _presence),
+    "count": (0.08, _how_many),
+    "position": (0.12, _position),
+    "bigger": (0.08, _bigger),
+    "attribute": (0.10, _attribute),
+    "word": (0.20, _word),
+}
+
+
+def corpus(seed: int, n: int, image_size: int) -> list[Row]:
+    """`n` pretraining rows drawn from MIXTURE, deterministically from `seed`."""
+    rng = random.Random(f"pretrain:{seed}")
+    kinds = list(MIXTURE)
+    weights = [MIXTURE[k][0] for k in kinds]
+    return [MIXTURE[rng.choices(kinds, weights)[0]][1](rng, image_size) for _ in range(n)]
+
+
+def tokenizer_text(rows: list[Row]) -> list[str]:
+    """What the tokenizer is trained on: English words (weighted up), the mixture's prompts and answers."""
+    words = " ".join(english_words())
+    return [words] * 20 + [f"{p} {a}" for _, p, a in rows] + [" ".join(SIZES)]

@@ -1,0 +1,60 @@
+"""The built-in backbone's pretraining mixture: deterministic, and it teaches every answer word."""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+
+from PIL import Image, ImageOps
+
+from strata.backbone.tiny import TinyRecipe, build_processor, tokenizer_text
+from strata.data import pretraining
+from strata.data.benchmark import TASKS, generate_task
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def test_the_corpus_is_deterministic_and_has_every_kind_of_row() -> None:
+    rows = pretraining.corpus(seed=0, n=300, image_size=48)
+    assert rows == pretraining.corpus(seed=0, n=300, image_size=48)
+    assert rows[:50] == pretraining.corpus(seed=0, n=50, image_size=48)  # a prefix does not depend on n
+    assert all(Image.open(io.BytesIO(png)).size == (48, 48) for png, _, _ in rows)
+    answers = [a for _, _, a in rows]
+    assert any(a.startswith("yes, ") for a in answers) and any(a.startswith("no, ") for a in answers)
+    assert any(a.startswith("it says ") for a in answers) and any(" objects: " in a for a in answers)
+    assert any(" larger than " in a for a in answers) and any(" smaller than " in a for a in answers)
+
+
+def test_pretraining_makes_the_model_say_every_answer_word_of_the_built_in_stream() -> None:
+    """A frozen, tied LM head can only say words pretraining taught it to say (pretraining.py)."""
+    said = set().union(*(words(a) for _, _, a in pretraining.corpus(seed=0, n=3000, image_size=48)))
+    for task in TASKS:
+        answers = {a for a in generate_task(task, seed=0, n_train=40, n_val=0, n_test=0)["answer"].to_pylist()}
+        missing = set().union(*(words(a) for a in answers)) - said
+        assert not missing, f"{task}: pretraining never answers with {sorted(missing)}"
+
+
+def test_the_tokenizer_keeps_english_words_whole_and_the_images_any_size() -> None:
+    rows = pretraining.corpus(seed=0, n=400, image_size=48)
+    processor = build_processor(TinyRecipe(), tokenizer_text(rows))
+    tok = processor.tokenizer
+    split = [w for w in pretraining.english_words() if len(tok(" " + w, add_special_tokens=False)["input_ids"]) > 1]
+    assert not split, f"split into pieces: {split[:20]}"
+    assert tok.convert_ids_to_tokens(tok(" ASSISTANT:", add_special_tokens=False)["input_ids"]) == ["ĠASSISTANT", ":"]
+    for size in ((100, 37), (20, 64), (48, 48)):
+        pixels = processor.image_processor(Image.new("RGB", size), return_tensors="pt")["pixel_values"]
+        assert pixels.shape == (1, 3, 48, 48), size
+
+
+def test_a_rendered_word_stays_inside_the_image() -> None:
+    rng = random.Random(0)
+    for word in ("a", "rectangle", "mountain", "zero"):
+        image = pretraining.render_word(word, rng, 48)
+        ink = ImageOps.invert(image.convert("L")).point(lambda v: 255 if v > 110 else 0)
+        box = ink.getbbox()
+        assert box is not None, word
+        left, top, right, bottom = box
+        assert left > 0 and top > 0 and right < 48 and bottom < 48, (word, box)
