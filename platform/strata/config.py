@@ -103,7 +103,7 @@ class TrainConfig:
 
     steps: int = 300  # the most optimizer steps per task; early stopping on val usually ends sooner
     val_every: int = 25  # steps between val-loss checks for early stopping (0: always train every step)
-    patience: int = 2  # val checks in a row without a 1% better val loss before the task stops
+    patience: int = 2  # val checks in a row without a real gain in val loss (train/loop.py) before the task stops
     batch_size: int = 32  # global batch, split across workers
     lr: float = 2e-3
     weight_decay: float = 0.0

@@ -53,13 +53,19 @@ def answer_tokens(batch: dict, distributed: bool) -> torch.Tensor:
 
 
 class EarlyStop:
-    """Stop once the val loss has not improved by 1% for `patience` checks in a row."""
+    """Stop once `patience` val checks in a row gain less than 1% and less than MIN_GAIN nats.
+
+    The absolute floor matters near zero: a val loss going 0.05 → 0.045 still gains 10%, but the
+    answers it scores were already right.
+    """
+
+    MIN_GAIN = 0.01  # nats per answer token
 
     def __init__(self, patience: int) -> None:
         self.patience, self.best, self.stale = patience, math.inf, 0
 
     def should_stop(self, loss: float) -> bool:
-        if loss < 0.99 * self.best:
+        if math.isinf(self.best) or self.best - loss > max(0.01 * self.best, self.MIN_GAIN):
             self.best, self.stale = loss, 0
         else:
             self.stale += 1
