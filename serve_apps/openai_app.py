@@ -90,6 +90,9 @@ class AdapterServer:
         self.loads = metrics.Counter("strata_adapter_loads", "Adapter loads per version.", tag_keys=("adapter",))
         self.evictions = metrics.Counter("strata_adapter_evictions", "Adapter evictions per version.",
                                          tag_keys=("adapter",))
+        self.far = metrics.Counter("strata_low_confidence_routes",
+                                   "`auto` requests far from every task's prototype, answered by the nearest.",
+                                   tag_keys=("adapter",))
         # Serve's LRU decides what stays; the host's own bound only guards `auto` rows loaded outside it.
         self.host = AdapterHost(self.cfg.registry, BackboneSpec(self.cfg.backbone), self.cfg.capacity + 4,
                                 self.cfg.default_stream, on_event=self._count)
@@ -117,6 +120,8 @@ class AdapterServer:
         await self.get_model(serve.get_multiplexed_model_id())
         completion = await self.batcher.submit(request)
         self.requests.inc(tags={"adapter": completion.model})
+        if completion.route is not None and completion.route.low_confidence:
+            self.far.inc(tags={"adapter": completion.model})
         self.latency.observe(time.perf_counter() - started, tags={"adapter": completion.model})
         return completion
 
@@ -124,6 +129,7 @@ class AdapterServer:
         """This replica's counters: requests, loads and evictions per adapter version."""
         s = self.host.stats
         return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
+                "low_confidence_routes": dict(s.low_confidence),
                 "load_seconds": s.load_seconds, "resident": [str(r) for r in self.host.resident.values()],
                 "batch_sizes": list(self.batcher.sizes)[-100:]}
 

@@ -33,6 +33,7 @@ from strata.eval.evaluate import TaskResult, evaluate_task
 from strata.eval.gate import Verdict, decide, kl_threshold
 from strata.hooks import Strategy, TaskContext, record
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
+from strata.routing import Routed
 from strata.strategies import make_strategy
 from strata.train.driver import TaskJob, fit_local, fit_task
 
@@ -106,9 +107,14 @@ def evaluate_all(model, processor, strategy, ctx, tests: dict[str, Encoded], bat
     return results
 
 
-def routes(strategy, ctx, model, processor, enc: Encoded, task: str | None) -> list[str | None]:
-    """The adapter each row runs with (None everywhere for the bare backbone)."""
+def routes(strategy, ctx, model, processor, enc: Encoded, task: str | None) -> list[Routed | None]:
+    """Where each row goes (None everywhere for the bare backbone)."""
     return strategy.route(ctx, model, processor, enc, task) if ctx else [None] * len(enc)
+
+
+def adapter_names(routed: list[Routed | None]) -> list[str | None]:
+    """The adapter name of each routed row."""
+    return [r.task if r else None for r in routed]
 
 
 def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests: dict[str, Encoded],
@@ -212,8 +218,9 @@ def gate(s: StrategyStream, ctx: TaskContext, models: tuple, processor, served_c
     if table is not None:
         rows = encode_table(processor, table, with_answers=True)
         pad = processor.tokenizer.pad_token_id
-        kl = mean_kl(answer_log_probs(anchor, rows, routes(s.strategy, served_ctx, anchor, processor, rows, None), pad),
-                     answer_log_probs(model, rows, routes(s.strategy, ctx, model, processor, rows, None), pad))
+        served = adapter_names(routes(s.strategy, served_ctx, anchor, processor, rows, None))
+        candidate = adapter_names(routes(s.strategy, ctx, model, processor, rows, None))
+        kl = mean_kl(answer_log_probs(anchor, rows, served, pad), answer_log_probs(model, rows, candidate, pad))
     drifts = [e["gate"]["kl"] for e in promoted if e.get("gate", {}).get("kl") is not None]
     verdict = decide(cfg, ctx.name, val, {t: before[t] for t in ctx.seen if t in before},
                      served_on_new[ctx.name].accuracy, kl, kl_threshold(cfg, drifts))

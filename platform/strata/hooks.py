@@ -21,6 +21,7 @@ from strata.adapters.lora import add_adapter, load_adapter, save_adapter
 from strata.config import AdapterSpec
 from strata.digest import file_sha256, tree_sha256
 from strata.grads import Grads
+from strata.routing import Routed
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ class Strategy:
             model = load_adapter(model, ctx.adapters_dir / name, name)
         return model
 
-    def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
-        """Adapter name for each row of `enc` at inference (shared: always the one adapter)."""
-        return [self.adapter_name(ctx)] * len(enc)
+    def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[Routed]:
+        """The adapter each row of `enc` runs with at inference (shared: always the one adapter)."""
+        return [Routed(self.adapter_name(ctx))] * len(enc)
 
     # ---- worker side -----------------------------------------------------------------------
     def before_task(self, backbone: torch.nn.Module, processor, ctx: TaskContext) -> torch.nn.Module:

@@ -31,11 +31,12 @@ from strata.data.benchmark import TASKS, write_benchmark
 from strata.data.collate import Encoded, encode_table
 from strata.data.schema import load_dataset, write_table
 from strata.digest import file_sha256
+from strata.eval.baselines import task_baselines
 from strata.eval.evaluate import TaskResult
 from strata.eval.metrics import summarize
-from strata.eval.baselines import task_baselines
 from strata.eval.report import comparison_table, matrix_table, save_results, task_table
 from strata.eval.scoring import SCORER_VERSION
+from strata.routing import far
 from strata.strategies import make_strategy
 from strata.train.driver import init_ray
 
@@ -115,8 +116,10 @@ def prediction_rows(after: str, task: str, table: pa.Table, enc: Encoded, res: T
     ids = split(table, "test")["id"].to_pylist()
     return [
         {"after_task": after, "task": task, "id": rid, "prediction": pred, "answer": ref,
-         "score": sc, "adapter": a, "scorer": res.scorer}
-        for rid, pred, ref, sc, a in zip(ids, res.predictions, enc.answers, res.scores, res.adapters)
+         "score": sc, "adapter": a, "scorer": res.scorer, "router_distance": d,
+         "low_confidence": far(d)}
+        for rid, pred, ref, sc, a, d in zip(ids, res.predictions, enc.answers, res.scores, res.adapters,
+                                            res.router_distances)
     ]
 
 

@@ -20,6 +20,31 @@ from strata.atomic import write_file
 
 ROUTER_FILE = "router.safetensors"
 SHRINKAGE = 0.1  # blend of the covariance toward a scaled identity, so it stays invertible
+# A row whose distance to its nearest prototype is over 4× what that task's own rows average is far
+# from every task the router knows: it still goes to the nearest adapter, flagged.
+LOW_CONFIDENCE = 4.0
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one row goes, and how far it is from that task's prototype.
+
+    `distance` is the squared Mahalanobis distance over the mean that the task's own rows have
+    (about 1 for a typical row of the task); None when the row was routed by name.
+    """
+
+    task: str
+    distance: float | None = None
+
+    @property
+    def low_confidence(self) -> bool:
+        """Far from every known task: answered by the nearest adapter anyway."""
+        return far(self.distance)
+
+
+def far(distance: float | None) -> bool:
+    """A relative router distance beyond LOW_CONFIDENCE (None: routed by name, never far)."""
+    return distance is not None and distance > LOW_CONFIDENCE
 
 
 @dataclass
@@ -67,14 +92,22 @@ class PrototypeRouter:
 
     def route(self, feats: torch.Tensor) -> list[str]:
         """The nearest task's name for each (N, D) feature row."""
+        return [r.task for r in self.assign(feats)]
+
+    def assign(self, feats: torch.Tensor) -> list[Routed]:
+        """The nearest task for each (N, D) feature row, with its relative distance."""
         if not self.names:
             raise RuntimeError("the router has no tasks yet")
         d = feats.shape[1]
         cov = self.scatters.sum(0) / max(float(self.counts.sum()) - len(self.names), 1.0)
-        cov = (1 - SHRINKAGE) * cov + SHRINKAGE * cov.trace() / d * torch.eye(d)
+        precision = torch.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * cov.trace() / d * torch.eye(d))
         diff = feats[:, None, :] - self.means[None]  # (N, tasks, D)
-        dist = torch.einsum("ntd,de,nte->nt", diff, torch.linalg.inv(cov), diff)
-        return [self.names[i] for i in dist.argmin(1).tolist()]
+        dist = torch.einsum("ntd,de,nte->nt", diff, precision, diff)
+        # A task's own rows sit at trace(Σ_task · Σ⁻¹) on average: the yardstick for "far".
+        own = torch.einsum("tde,ed->t", self.scatters, precision) / (self.counts - 1).clamp(min=1)
+        nearest = dist.argmin(1)
+        return [Routed(self.names[i], float(dist[n, i] / own[i].clamp(min=1e-12)))
+                for n, i in enumerate(nearest.tolist())]
 
     @staticmethod
     def load(directory: str | Path) -> PrototypeRouter:

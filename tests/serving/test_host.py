@@ -57,6 +57,10 @@ def test_auto_routes_with_the_decoupled_prototypes(registry, rows, test_spec):
     host = AdapterHost(registry.uri, test_spec)
     got = host.complete([request(r, "default/auto") for t in ("colour", "shape") for r in rows[t]])
     assert [c.model for c in got] == ["default/colour@v1"] * 4 + ["default/shape@v1"] * 4
+    assert [c.route.task for c in got] == ["colour"] * 4 + ["shape"] * 4
+    assert all(c.route.distance > 0 for c in got)
+    assert sum(host.stats.low_confidence.values()) == sum(c.route.low_confidence for c in got)
+    assert host.complete([request(rows["colour"][0], "default/colour")])[0].route is None  # not routed
 
 
 def test_unknown_and_invalid_ids_are_refused(registry, rows, test_spec):

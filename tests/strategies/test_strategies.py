@@ -13,7 +13,7 @@ from strata.config import AdapterSpec, RunConfig
 from strata.data.benchmark import generate_task
 from strata.data.schema import write_table
 from strata.hooks import TaskContext
-from strata.routing import ROUTER_FILE, PrototypeRouter
+from strata.routing import LOW_CONFIDENCE, ROUTER_FILE, PrototypeRouter, Routed
 from strata.strategies import builtin, make_strategy, names
 from strata.strategies.decoupled import DecoupledConfig
 from strata.strategies.dgg import DGGConfig
@@ -194,6 +194,21 @@ def test_router_routes_well_separated_clusters() -> None:
     assert router.counts.tolist() == [40.0, 40.0, 40.0]
     for name, feats in clusters(1).items():  # fresh samples from the same clusters
         assert router.route(feats) == [name] * len(feats)
+
+
+def test_a_row_far_from_every_task_goes_to_the_nearest_flagged() -> None:
+    router = fitted_router()
+    fresh = clusters(5)
+    for name, feats in fresh.items():
+        routed = router.assign(feats)
+        assert [r.task for r in routed] == [name] * len(feats)
+        distances = torch.tensor([r.distance for r in routed])
+        assert 0.5 < float(distances.mean()) < 2.0  # a task's own rows sit near 1
+        assert sum(r.low_confidence for r in routed) <= 1
+    stranger = fresh["a"] + torch.eye(8)[7] * 30.0  # nowhere near any cluster, still nearest to "a"
+    routed = router.assign(stranger)
+    assert all(r.task == "a" and r.low_confidence and r.distance > LOW_CONFIDENCE for r in routed)
+    assert not Routed("a").low_confidence  # routed by name: no distance, never flagged
 
 
 def test_router_uses_covariance_not_plain_distance() -> None:

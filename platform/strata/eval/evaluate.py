@@ -12,6 +12,7 @@ from peft import PeftModel
 from strata.data.collate import Encoded
 from strata.eval.scoring import score, scorer_for
 from strata.generation import generate
+from strata.routing import Routed
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class TaskResult:
     predictions: list[str]
     scores: list[float]
     adapters: list[str | None]
+    router_distances: list[float | None]  # relative distance to the routed task (strata/routing.py); None: not routed
 
 
 @contextlib.contextmanager
@@ -39,14 +41,15 @@ def evaluate_task(
     model: torch.nn.Module,
     processor,
     enc: Encoded,
-    adapter_names: list[str | None],
+    routes: list[Routed | None],
     batch_size: int = 256,
 ) -> TaskResult:
-    """Generate and score one task's rows; `None` in adapter_names means the bare backbone.
+    """Generate and score one task's rows, each with the adapter it was routed to (None: the bare backbone).
 
     Rows are grouped by adapter and each group runs with that adapter active: routing is
     near-perfect, so this avoids PEFT's mixed-batch path, which loops over adapters per layer.
     """
+    adapter_names = [r.task if r else None for r in routes]
     kind = scorer_for(enc.answers)
     budget = 12 if kind == "exact_match" else 64  # short answers end in a few tokens
     preds = [""] * len(enc)
@@ -57,4 +60,5 @@ def evaluate_task(
         for i, g in zip(idx, out):
             preds[i] = g.text
     scores = score(preds, enc.answers, kind)
-    return TaskResult(100.0 * sum(scores) / len(scores), kind, preds, scores, list(adapter_names))
+    return TaskResult(100.0 * sum(scores) / len(scores), kind, preds, scores, adapter_names,
+                      [r.distance if r else None for r in routes])

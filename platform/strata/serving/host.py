@@ -25,7 +25,7 @@ from strata.config import BackboneSpec
 from strata.data.collate import encode_table
 from strata.generation import generate
 from strata.registry import Ref, Registry, RegistryError, parse_id
-from strata.routing import ROUTER_FILE, PrototypeRouter
+from strata.routing import ROUTER_FILE, PrototypeRouter, Routed
 from strata.serving.mixed_lora import MixedLoRA
 
 
@@ -53,6 +53,7 @@ class Completion:
     tokens: list[int]
     finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens)
     prompt_tokens: int = 0
+    route: Routed | None = None  # for `<stream>/auto`: the task it was routed to, and how far it was
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Stats:
     loads: Counter = field(default_factory=Counter)
     evictions: Counter = field(default_factory=Counter)
     load_seconds: float = 0.0
+    low_confidence: Counter = field(default_factory=Counter)  # per stream: `auto` rows far from every task
 
 
 def resolve_id(registry: Registry, model_id: str, default_stream: str) -> Ref | str:
@@ -159,7 +161,7 @@ class AdapterHost:
         enc = encode_table(self.processor, pa.table({
             "image": pa.array([r.image for r in requests], pa.binary()),
             "prompt": [r.prompt for r in requests], "answer": [""] * len(requests)}), with_answers=False)
-        refs = self._refs(requests, enc)
+        refs, routed = self._refs(requests, enc)
         out: list[Completion | None] = [None] * len(requests)
         for temperature in sorted({r.temperature for r in requests}):
             rows = [i for i, r in enumerate(requests) if r.temperature == temperature]
@@ -167,19 +169,22 @@ class AdapterHost:
                 names = [self.load(refs[i]) for i in chunk]
                 for i, c in zip(chunk, self._generate(enc.select(chunk), names, [requests[i] for i in chunk],
                                                       temperature)):
-                    out[i] = Completion(str(refs[i]), *c, prompt_tokens=len(enc.input_ids[i]))
+                    out[i] = Completion(str(refs[i]), *c, prompt_tokens=len(enc.input_ids[i]), route=routed[i])
                     self.stats.requests[str(refs[i])] += 1
         return out
 
-    def _refs(self, requests: list[Request], enc) -> list[Ref]:
+    def _refs(self, requests: list[Request], enc) -> tuple[list[Ref], list[Routed | None]]:
+        """The exact version each request runs with, and for `auto` rows where the router sent them."""
         refs = [self.resolve(r.model) for r in requests]
+        routed: list[Routed | None] = [None] * len(requests)
         for stream in {r for r in refs if isinstance(r, str)}:  # `<stream>/auto` rows
             rows = [i for i, r in enumerate(refs) if r == stream]
             with torch.no_grad():
-                picked = self.router(stream).route(pooled_features(self.model, self.processor, enc.select(rows)))
-            for i, adapter in zip(rows, picked):
-                refs[i] = self.resolve(f"{stream}/{adapter}")
-        return refs
+                picked = self.router(stream).assign(pooled_features(self.model, self.processor, enc.select(rows)))
+            for i, route in zip(rows, picked):
+                refs[i], routed[i] = self.resolve(f"{stream}/{route.task}"), route
+                self.stats.low_confidence[stream] += route.low_confidence
+        return refs, routed
 
     def router(self, stream: str) -> PrototypeRouter:
         """The Decoupled router over the stream's production versions that carry a prototype."""

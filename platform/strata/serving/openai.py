@@ -18,6 +18,7 @@ from PIL import Image
 
 from strata.data.schema import IMAGE_FORMATS, image_problem
 from strata.data.template import join_turns
+from strata.routing import Routed
 from strata.serving.host import Completion, Request
 
 
@@ -156,13 +157,21 @@ def check_image(data: bytes, where: str, limits: Limits) -> None:
 
 
 def completion_body(c: Completion) -> dict:
-    """A chat.completion reply."""
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+    """A chat.completion reply; an `auto` request's also says where the router sent it (`strata.route`)."""
+    body = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": c.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
                          "finish_reason": c.finish_reason}],
             "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens),
                       "total_tokens": c.prompt_tokens + len(c.tokens)}}
+    if c.route is not None:
+        body["strata"] = {"route": route_info(c.route)}
+    return body
+
+
+def route_info(route: Routed) -> dict:
+    """The routed task, its relative distance (about 1 for a typical row of it) and the low-confidence flag."""
+    return {"task": route.task, "distance": route.distance, "low_confidence": route.low_confidence}
 
 
 def stream_chunks(c: Completion, pieces: list[str]) -> list[dict]:
@@ -171,5 +180,6 @@ def stream_chunks(c: Completion, pieces: list[str]) -> list[dict]:
             "created": int(time.time()), "model": c.model}
     first = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
     middle = [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
-    last = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": c.finish_reason}]}]
+    last = [{**base, "choices": [{"index": 0, "delta": {}, "finish_reason": c.finish_reason}],
+             **({"strata": {"route": route_info(c.route)}} if c.route is not None else {})}]
     return first + middle + last

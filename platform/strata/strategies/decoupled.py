@@ -18,7 +18,7 @@ from strata.config import MULTI_ADAPTER_KINDS, check_positive
 from strata.data.collate import encode_table
 from strata.hooks import Strategy, TaskContext
 from strata.losses import info_nce
-from strata.routing import ROUTER_FILE, PrototypeRouter
+from strata.routing import ROUTER_FILE, PrototypeRouter, Routed
 from strata.strategies import register
 
 
@@ -75,9 +75,9 @@ class Decoupled(Strategy):
         return self.opts.contrastive_weight * info_nce(masked_mean(hidden, image), masked_mean(hidden, text),
                                                        self.opts.tau)
 
-    def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[str]:
-        """Per-row adapter: the named task's own adapter, or the nearest prototype's."""
+    def route(self, ctx: TaskContext, model, processor, enc, task: str) -> list[Routed]:
+        """Per-row adapter: the named task's own adapter, or the nearest prototype's (with its distance)."""
         router = PrototypeRouter.load(ctx.state_dir)
         if self.opts.routing == "name" and task in router.names:
-            return [task] * len(enc)
-        return router.route(pooled_features(model, processor, enc))
+            return [Routed(task)] * len(enc)
+        return router.assign(pooled_features(model, processor, enc))
