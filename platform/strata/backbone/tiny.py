@@ -56,7 +56,7 @@ class TinyRecipe:
     patch_size: int = 8
     vocab_size: int = 3000  # enough for the common English words to stay whole
     corpus_size: int = 12000  # pretraining rows (drawn once, reused across epochs)
-    steps: int = 3000  # about 13 CPU minutes on 2 cores at the defaults (builtin:tiny ships built)
+    steps: int = 3000  # about 13 CPU minutes on 2 cores at the defaults
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -187,20 +187,10 @@ def pretrain(
     return float(ema)
 
 
-SHIPPED = Path(__file__).parent / "shipped"  # built weights committed with the recipe: <short name>/
-
-
-def _ready(directory: Path, recipe: TinyRecipe) -> bool:
-    """A finished build of exactly this recipe (strata_recipe.json is written last)."""
-    meta = directory / "strata_recipe.json"
-    return meta.exists() and json.loads(meta.read_text()).get("key") == recipe.key()
-
-
 def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
-    """Return the cached directory of a built-in backbone: the shipped build of its recipe when the
-    repository has one, else built and pretrained here."""
-    recipe, short = RECIPES[name], name.split(":")[1]
-    final = cache_root() / "backbones" / f"{short}-{recipe.key()}"
+    """Return the cached directory of a built-in backbone, building and pretraining it if absent."""
+    recipe = RECIPES[name]
+    final = cache_root() / "backbones" / f"{name.split(':')[1]}-{recipe.key()}"
     if (final / "strata_recipe.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -209,8 +199,6 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "strata_recipe.json").exists():
             return final
-        if _ready(SHIPPED / short, recipe):
-            return _install(lambda tmp: shutil.copytree(SHIPPED / short, tmp, dirs_exist_ok=True), final)
         return build(recipe, final, progress)
 
 
@@ -248,17 +236,3 @@ def _install(fill: Callable[[Path], object], final: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def _print_progress(step: int, loss: float) -> None:
-    if step % 250 == 0:
-        print(f"step {step} loss {loss:.3f}", flush=True)
-
-
-if __name__ == "__main__":  # python -m strata.backbone.tiny builtin:tiny  (rebuilds its shipped weights)
-    import sys
-
-    target = sys.argv[1]
-    dest = Path(sys.argv[2]) if len(sys.argv) > 2 else SHIPPED / target.split(":")[1]
-    shutil.rmtree(dest, ignore_errors=True)
-    print(build(RECIPES[target], dest, _print_progress))
