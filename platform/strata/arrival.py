@@ -15,6 +15,8 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,7 +37,7 @@ from strata.hooks import Strategy, TaskContext, record
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
 from strata.routing import Routed
 from strata.strategies import make_strategy
-from strata.train.driver import TaskJob, fit_local, fit_task
+from strata.train.driver import TaskJob, TrainSession, fit_local, fit_task
 
 
 def job_owner() -> str:
@@ -52,6 +54,7 @@ class StrategyStream:
     backbone_path: Path
     coord: Coordinator
     owner: str = field(default_factory=job_owner)
+    session: TrainSession | None = None  # set by `training()`: the stream's tasks share one Ray Train run
 
     def __post_init__(self) -> None:
         self.strategy: Strategy = make_strategy(self.name, self.cfg)
@@ -65,6 +68,19 @@ class StrategyStream:
         """The backbone's identity and module shapes, for the registry's checks."""
         model, _ = shared_backbone(self.cfg.backbone, self.backbone_path)
         return backbone_info(self.cfg.backbone.source, self.backbone_path, model)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Train every task learned inside this block in one Ray Train run (the Ray executor only)."""
+        if self.cfg.train.executor != "ray":
+            yield
+            return
+        storage = self.cfg.train.storage_path or str(self.out / "ray")
+        with TrainSession(self.cfg.train, storage, f"{self.name}-{uuid.uuid4().hex[:8]}") as self.session:
+            try:
+                yield
+            finally:
+                self.session = None
 
     def registry_adapter(self, task: str) -> str:
         """The versioned adapter a task adds to: its own for a per-task strategy, else the strategy's."""
@@ -173,7 +189,8 @@ def keep_copy(state_dir: Path, dest: Path) -> Path:
 
 
 def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> dict:
-    """Mix the rows and train the task on Ray Train (or in this process); returns the final metrics.
+    """Mix the rows and train the task on Ray Train (the stream's session, or a run of its own) or in
+    this process; returns the final metrics.
 
     `val` (the task's own val rows) drives early stopping."""
     rows_path, val_path = s.state_dir / "rows.parquet", s.state_dir / "val.parquet"
@@ -183,6 +200,8 @@ def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> di
                   val_path=str(val_path))
     if s.cfg.train.executor == "local":
         trained = fit_local(job)
+    elif s.session is not None:
+        trained = s.session.fit(job)
     else:
         storage = s.cfg.train.storage_path or str(s.out / "ray")
         trained = fit_task(job, storage, f"{s.name}-{ctx.index:02d}-{ctx.name}-{run_id}")

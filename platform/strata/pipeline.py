@@ -80,19 +80,21 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     predictions: list[dict] = []
     training: list[dict] = []  # the loop's final metrics per task (time, trainable params, ...)
     bar = progress.add_task(f"{name}", total=T)
-    for t, task in enumerate(tasks):
-        # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
-        upcoming = {k: tests[k] for k in tasks[: t + 2]}
-        so_far = tasks[: t + 1]
-        results, trained = learn_task(s, task, {k: train_paths[k] for k in so_far}, upcoming,
-                                      {k: split(tables[k], "val") for k in so_far})
-        training.append(trained)
-        for i, other in enumerate(upcoming):
-            R[t, i] = results[other].accuracy
-            predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
-        note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
-        if on_task is not None:
-            on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]], base[: t + 1]))
+    with s.training():
+        for t, task in enumerate(tasks):
+            # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
+            upcoming = {k: tests[k] for k in tasks[: t + 2]}
+            so_far = tasks[: t + 1]
+            results, trained = learn_task(s, task, {k: train_paths[k] for k in so_far}, upcoming,
+                                          {k: split(tables[k], "val") for k in so_far})
+            training.append(trained)
+            for i, other in enumerate(upcoming):
+                R[t, i] = results[other].accuracy
+                predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
+            note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
+            if on_task is not None:
+                on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]],
+                                           base[: t + 1]))
 
     sizes = [len(tests[t]) for t in tasks]
     timeline = coord.timeline(name)

@@ -1,12 +1,18 @@
-"""Ray Train wiring: one TorchTrainer per task; N CPU or GPU workers, fault-tolerant, resumable."""
+"""Ray Train wiring: one TorchTrainer per stream (a session), its tasks handed over one at a time;
+N CPU or GPU workers, fault-tolerant, resumable."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import ray
 import ray.train
@@ -60,29 +66,102 @@ class TaskJob:
     backbone: BackboneSpec
     backbone_path: str
     val_path: str | None = None  # Parquet of the task's own val rows, for early stopping
-    threads_per_worker: int = 1  # set by fit_task from the CPUs each worker gets
+
+
+@ray.remote(num_cpus=0)
+class JobBoard:
+    """The jobs of one training session in arrival order, and each finished job's result.
+
+    Workers take the first unfinished job, so a worker group that Ray Train restarts after a
+    failure picks up the job it was training."""
+
+    def __init__(self) -> None:
+        self.jobs: list[list[ray.ObjectRef]] = []  # a ref in a list stays a ref: the board never unpickles a job
+        self.results: dict[int, tuple[dict, dict[str, bytes]]] = {}
+        self.closed = False
+
+    def submit(self, job: list[ray.ObjectRef]) -> int:
+        self.jobs.append(job)
+        return len(self.jobs) - 1
+
+    def take(self, first: int) -> tuple[int, list[ray.ObjectRef]] | str | None:
+        """The first unfinished job at index >= `first`; "closed" when none will come; None: wait."""
+        for index in range(first, len(self.jobs)):
+            if index not in self.results:
+                return index, self.jobs[index]
+        return "closed" if self.closed else None
+
+    def finish(self, index: int, metrics: dict, files: dict[str, bytes]) -> None:
+        self.results[index] = (metrics, files)
+
+    def result(self, index: int) -> tuple[dict, dict[str, bytes]] | None:
+        return self.results.get(index)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+JOB_MARKER = "job.json"  # in every checkpoint: which of the session's jobs it belongs to
 
 
 def _worker(config: dict) -> None:
-    """Ray Train entry point: load the frozen backbone, resume if Train restarted us, run the loop."""
-    job: TaskJob = config["job"]
-    torch.set_num_threads(job.threads_per_worker)
+    """Ray Train entry point: train the session's jobs one after another on this worker group.
+
+    After a restart (FailureConfig), the job that was training resumes from its last checkpoint."""
+    board = config["board"]
+    torch.set_num_threads(config["threads"])
     quiet_per_step_reports()
     device = ray.train.torch.get_device()
+    latest = ray.train.get_checkpoint()  # set when FailureConfig restarted the worker group
+    first = 0
+    while (taken := _take(board, first)) is not None:
+        index, job = taken
+        resume = latest if latest is not None and _job_index(latest) == index else None
+        latest = None
+        metrics, files = _train_one(job, index, device, resume)
+        if ray.train.get_context().get_world_rank() == 0:
+            ray.get(board.finish.remote(index, metrics, files))
+        first = index + 1
+
+
+def _take(board, first: int) -> tuple[int, TaskJob] | None:
+    """Wait for the next job (None once the session is closed)."""
+    while (taken := ray.get(board.take.remote(first))) is None:
+        time.sleep(0.05)
+    return None if taken == "closed" else (taken[0], ray.get(taken[1][0]))
+
+
+def _job_index(checkpoint: Checkpoint) -> int | None:
+    """The session job a checkpoint belongs to."""
+    with checkpoint.as_directory() as ckpt:
+        marker = Path(ckpt) / JOB_MARKER
+        return json.loads(marker.read_text())["index"] if marker.exists() else None
+
+
+def _train_one(job: TaskJob, index: int, device: torch.device, resume: Checkpoint | None) -> tuple[dict, dict]:
+    """Load the frozen backbone, run the loop for one job; returns its final metrics and adapter/state files."""
     backbone, processor = load_backbone(job.backbone, Path(job.backbone_path), device=device)
+    final: dict = {}
+    files: dict[str, bytes] = {}
 
     def report(metrics: dict, ckpt: Path | None) -> None:
+        if ckpt is not None:
+            (ckpt / JOB_MARKER).write_text(json.dumps({"index": index, "task": job.ctx.name}))
+            if (ckpt / ADAPTER).is_dir():  # the final report: what the driver installs
+                final.update(metrics)
+                files.update({str(f.relative_to(ckpt)): f.read_bytes() for f in sorted(ckpt.rglob("*"))
+                              if f.is_file() and f.parts[len(ckpt.parts)] in (ADAPTER, STATE)})
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt)) if ckpt else None)
 
     data = {"rows": read_table(job.rows_path), "task_rows": read_table(job.ctx.train_paths[job.ctx.name]),
             "val_rows": read_table(job.val_path) if job.val_path else None}
-    latest = ray.train.get_checkpoint()  # set when FailureConfig restarted the worker group
-    if latest is None:
+    if resume is None:
         train_task(backbone, processor, job.strategy, job.ctx, cfg=job.train, report=report, device=device, **data)
-        return
-    with latest.as_directory() as ckpt:
-        train_task(backbone, processor, job.strategy, job.ctx, cfg=job.train, report=report, resume=Path(ckpt),
-                   device=device, **data)
+    else:
+        with resume.as_directory() as ckpt:
+            train_task(backbone, processor, job.strategy, job.ctx, cfg=job.train, report=report,
+                       resume=Path(ckpt), device=device, **data)
+    return final, files
 
 
 def quiet_per_step_reports() -> None:
@@ -101,38 +180,84 @@ def scaling(cfg: TrainConfig) -> ScalingConfig:
                                                **cfg.resources_per_worker})
 
 
-def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
-    """Train one task on Ray Train and install its adapter into the strategy's state dir.
+class TrainSession:
+    """One Ray Train run that trains a stream's tasks one after another on one worker group.
 
-    `storage_path` is a local directory or any pyarrow.fs URI; only adapter and strategy state is
-    checkpointed there. A worker that dies is replaced up to `max_failures` times, and the new
-    group resumes from the last checkpoint.
+    Starting a run costs about 9 s on a 2-core box (controller, worker actors, process group) plus
+    the workers' imports; a session pays it once per stream instead of once per task. The driver
+    hands each task over with `fit` and gets its adapter back; gating happens between tasks while
+    the workers wait. `storage_path` is a local directory or any pyarrow.fs URI; only adapter and
+    strategy state is checkpointed there. A worker that dies is replaced up to `max_failures` times,
+    and the new group resumes the task it was training from that task's last checkpoint.
     """
-    scale = scaling(job.train)
-    job = TaskJob(**{**job.__dict__, "threads_per_worker": int(scale.resources_per_worker["CPU"])})
-    trainer = TorchTrainer(
-        _worker,
-        train_loop_config={"job": job},
-        scaling_config=scale,
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=job.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            logging_config=quiet.train_logging(),  # Train's INFO lines on the console only with --verbose
-        ),
-        torch_config=TorchConfig(backend="nccl" if job.train.use_gpu else "gloo"),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"training {job.ctx.name!r} with {job.strategy.name!r} failed") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training {job.ctx.name!r} reported no adapter checkpoint")
-    with result.checkpoint.as_directory() as ckpt:
-        if not (Path(ckpt) / ADAPTER).is_dir():
+
+    def __init__(self, train: TrainConfig, storage_path: str, run_name: str) -> None:
+        scale = scaling(train)
+        self.train, self.run_name = train, run_name
+        self.board = JobBoard.remote()
+        self.trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"board": self.board, "threads": int(scale.resources_per_worker["CPU"])},
+            scaling_config=scale,
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=storage_path,
+                failure_config=FailureConfig(max_failures=train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2),
+                logging_config=quiet.train_logging(),  # Train's INFO lines on the console only with --verbose
+            ),
+            torch_config=TorchConfig(backend="nccl" if train.use_gpu else "gloo"),
+        )
+        self.outcome: dict = {}
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"train-{run_name}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.outcome["result"] = self.trainer.fit()
+        except BaseException as e:  # noqa: BLE001 (raised by the next fit() or close())
+            self.outcome["error"] = e
+
+    def _failure(self) -> BaseException | None:
+        result = self.outcome.get("result")
+        return self.outcome.get("error") or (result.error if result is not None else None)
+
+    def fit(self, job: TaskJob) -> dict:
+        """Train one task on the session's workers and install its adapter; returns its final metrics."""
+        if job.train != self.train:
+            raise ValueError(f"task {job.ctx.name!r}: a session trains every task with the config it started with")
+        index = ray.get(self.board.submit.remote([ray.put(job)]))
+        while (done := ray.get(self.board.result.remote(index))) is None:
+            if not self.thread.is_alive():
+                raise RuntimeError(f"training {job.ctx.name!r} with {job.strategy.name!r} failed") from self._failure()
+            time.sleep(0.1)
+        metrics, files = done
+        if not any(name.startswith(f"{ADAPTER}/") for name in files):
             raise RuntimeError(f"training {job.ctx.name!r} ended without its final adapter checkpoint")
-        install_outputs(Path(ckpt), job)
-    return dict(result.metrics or {})
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_bytes(data)
+            install_outputs(Path(tmp), job)
+        return metrics
+
+    def close(self) -> None:
+        """Let the workers finish and end the Ray Train run."""
+        self.board.close.remote()
+        self.thread.join()
+        ray.kill(self.board)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def fit_task(job: TaskJob, storage_path: str, run_name: str) -> dict:
+    """Train one task in its own Ray Train run and install its adapter (a session of one task)."""
+    with TrainSession(job.train, storage_path, run_name) as session:
+        return session.fit(job)
 
 
 def fit_local(job: TaskJob) -> dict:
