@@ -1,6 +1,7 @@
 # `make run`: the main job on the embedded default. `make test`: the test suite.
 # Both build .venv on first use, and again when pyproject.toml or constraints.txt changes: torch==2.13.0
-# (CPU wheel) first, then the project with its `test` extra (pytest, openai), pinned by constraints.txt.
+# (CPU wheel) first, then the project with its `test` extra (pytest, pytest-xdist, openai), pinned by
+# constraints.txt.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.strata-installed
@@ -26,8 +27,11 @@ run: $(STAMP)
 smoke:
 	$(MAKE) run ARGS=--smoke-test OUT=runs/smoke
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most of the integration tests'
+# time is spent waiting on Ray (process starts, polls), so two share the 2 cores well.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_cost.py

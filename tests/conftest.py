@@ -14,6 +14,20 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+# The longest files, started first so that `make test`'s two workers end together (longest first).
+LONGEST_FIRST = ("test_readme.py", "test_cluster_workflows.py", "test_fault_tolerance.py", "test_parity.py",
+                 "test_serve_app.py", "test_continual_quality_bench.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the longest test files first; the rest keep their order."""
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """Tiny models run fastest on one thread; two threads on a busy 2-core box spin for nothing."""

@@ -57,7 +57,7 @@ def test_stream_survives_a_killed_coordinator_and_a_killed_train_worker(ray_with
 
     # 2. Kill one Train worker of the second task once the controller has registered a checkpoint
     #    (it writes its snapshot after registering; the directory alone appears during the upload).
-    wait_for(lambda: any("shape" in p.read_text() for p in tmp_path.glob("dgg/ray/dgg-*/checkpoint_manager_snapshot.json")),
+    wait_for(lambda: any("shape" in p.read_text() for p in tmp_path.glob("ray/*/checkpoint_manager_snapshot.json")),
              "a registered checkpoint of task 2")
     address = ray.get_runtime_context().gcs_address  # not auto-detected: other clusters may be live here
     workers = wait_for(lambda: list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),

@@ -54,7 +54,7 @@ class StrategyStream:
     backbone_path: Path
     coord: Coordinator
     owner: str = field(default_factory=job_owner)
-    session: TrainSession | None = None  # set by `training()`: the stream's tasks share one Ray Train run
+    session: TrainSession | None = None  # a Ray Train run shared by many tasks (`training_session`)
 
     def __post_init__(self) -> None:
         self.strategy: Strategy = make_strategy(self.name, self.cfg)
@@ -68,19 +68,6 @@ class StrategyStream:
         """The backbone's identity and module shapes, for the registry's checks."""
         model, _ = shared_backbone(self.cfg.backbone, self.backbone_path)
         return backbone_info(self.cfg.backbone.source, self.backbone_path, model)
-
-    @contextmanager
-    def training(self) -> Iterator[None]:
-        """Train every task learned inside this block in one Ray Train run (the Ray executor only)."""
-        if self.cfg.train.executor != "ray":
-            yield
-            return
-        storage = self.cfg.train.storage_path or str(self.out / "ray")
-        with TrainSession(self.cfg.train, storage, f"{self.name}-{uuid.uuid4().hex[:8]}") as self.session:
-            try:
-                yield
-            finally:
-                self.session = None
 
     def registry_adapter(self, task: str) -> str:
         """The versioned adapter a task adds to: its own for a per-task strategy, else the strategy's."""
@@ -175,6 +162,17 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
     finally:
         shutil.rmtree(served, ignore_errors=True)
     return results, trained
+
+
+@contextmanager
+def training_session(cfg: RunConfig) -> Iterator[TrainSession | None]:
+    """One Ray Train run for every task trained in the block (None with the local executor)."""
+    if cfg.train.executor != "ray":
+        yield None
+        return
+    storage = cfg.train.storage_path or str(Path(cfg.out).resolve() / "ray")
+    with TrainSession(cfg.train, storage, f"{cfg.stream}-{uuid.uuid4().hex[:8]}") as session:
+        yield session
 
 
 def keep_copy(state_dir: Path, dest: Path) -> Path:

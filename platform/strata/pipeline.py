@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from strata.adapters.placement import check, check_kind
-from strata.arrival import StrategyStream, evaluate_all, learn_task
+from strata.arrival import StrategyStream, evaluate_all, learn_task, training_session
 from strata.atomic import write_text
 from strata.backbone.load import fingerprint, resolve, shared_backbone
 from strata.config import RunConfig, check_name
@@ -38,7 +38,7 @@ from strata.eval.report import comparison_table, matrix_table, save_results, tas
 from strata.eval.scoring import SCORER_VERSION
 from strata.routing import far
 from strata.strategies import make_strategy
-from strata.train.driver import init_ray
+from strata.train.driver import TrainSession, init_ray
 
 TaskCallback = Callable[[str, int, dict], None]
 
@@ -68,10 +68,10 @@ def split(table: pa.Table, name: str) -> pa.Table:
 
 def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict[str, pa.Table],
                  train_paths: dict[str, str], tests: dict[str, Encoded], backbone_path: Path, base: list[float],
-                 progress: Progress, coord: Coordinator, on_task: TaskCallback | None = None,
-                 baselines: dict[str, dict] | None = None) -> dict:
+                 progress: Progress, coord: Coordinator, session: TrainSession | None,
+                 on_task: TaskCallback | None = None, baselines: dict[str, dict] | None = None) -> dict:
     """Learn the whole stream with one strategy; write metrics, plot, predictions and manifest."""
-    s = StrategyStream(cfg, name, backbone_path, coord)
+    s = StrategyStream(cfg, name, backbone_path, coord, session=session)
     coord.reset(name, s.owner)  # a run starts from the frozen backbone (refused while another job trains it)
     shutil.rmtree(s.state_dir, ignore_errors=True)  # the registry keeps every earlier version
     tasks = list(files)
@@ -80,21 +80,20 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
     predictions: list[dict] = []
     training: list[dict] = []  # the loop's final metrics per task (time, trainable params, ...)
     bar = progress.add_task(f"{name}", total=T)
-    with s.training():
-        for t, task in enumerate(tasks):
-            # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
-            upcoming = {k: tests[k] for k in tasks[: t + 2]}
-            so_far = tasks[: t + 1]
-            results, trained = learn_task(s, task, {k: train_paths[k] for k in so_far}, upcoming,
-                                          {k: split(tables[k], "val") for k in so_far})
-            training.append(trained)
-            for i, other in enumerate(upcoming):
-                R[t, i] = results[other].accuracy
-                predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
-            note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
-            if on_task is not None:
-                on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]],
-                                           base[: t + 1]))
+    for t, task in enumerate(tasks):
+        # Tasks seen so far, plus the next one (FWT needs R[t][t+1]); later ones are never used.
+        upcoming = {k: tests[k] for k in tasks[: t + 2]}
+        so_far = tasks[: t + 1]
+        results, trained = learn_task(s, task, {k: train_paths[k] for k in so_far}, upcoming,
+                                      {k: split(tables[k], "val") for k in so_far})
+        training.append(trained)
+        for i, other in enumerate(upcoming):
+            R[t, i] = results[other].accuracy
+            predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
+        note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
+        if on_task is not None:
+            on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]],
+                                       base[: t + 1]))
 
     sizes = [len(tests[t]) for t in tasks]
     timeline = coord.timeline(name)
@@ -175,18 +174,20 @@ def run(cfg: RunConfig, console: Console | None = None, on_task: TaskCallback | 
         note(progress, pre, f"backbone ready: {backbone_path}", total=1, completed=1)
         if cfg.train.executor == "ray":
             init_ray()
-        # Tiny models generate fastest on one thread (measured: 0.6 s vs 1.6 s per 500 rows).
-        torch.set_num_threads(1)
-        model, processor = shared_backbone(cfg.backbone, backbone_path)
-        check(cfg.adapter, model)  # per module: BitFit needs biases, every layer_ranks key must match
-        tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
-        zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
-        base = [zero_shot[t].accuracy for t in files]
-        coord = coordinator(cfg)
-        baselines = {t: task_baselines(tab) for t, tab in tables.items()}
-        results = {s: run_strategy(cfg, s, files, tables, train_paths, tests, backbone_path, base, progress,
-                                   coord, on_task, baselines)
-                   for s in cfg.strategies}
+        # One Ray Train run for every strategy's tasks; its workers start while the driver evaluates.
+        with training_session(cfg) as session:
+            # Tiny models generate fastest on one thread (measured: 0.6 s vs 1.6 s per 500 rows).
+            torch.set_num_threads(1)
+            model, processor = shared_backbone(cfg.backbone, backbone_path)
+            check(cfg.adapter, model)  # per module: BitFit needs biases, every layer_ranks key must match
+            tests = {t: encode_table(processor, split(tab, "test"), with_answers=False) for t, tab in tables.items()}
+            zero_shot = evaluate_all(model, processor, None, None, tests, cfg.eval_batch_size)
+            base = [zero_shot[t].accuracy for t in files]
+            coord = coordinator(cfg)
+            baselines = {t: task_baselines(tab) for t, tab in tables.items()}
+            results = {s: run_strategy(cfg, s, files, tables, train_paths, tests, backbone_path, base, progress,
+                                       coord, session, on_task, baselines)
+                       for s in cfg.strategies}
     for name, m in results.items():
         console.print(matrix_table(m["accuracy_matrix"], m["tasks"], f"{name}: R[t][i] (%)"))
     console.print(task_table(results, baselines))
