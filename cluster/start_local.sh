@@ -24,8 +24,12 @@ PORT="${RAY_PORT:-6380}"
 DASHBOARD="${RAY_DASHBOARD_PORT:-8265}"
 BASE="${RAY_TMPDIR:-/tmp/ray}"
 ray get-auth-token --generate >/dev/null
+# Every node's dashboard agent takes a free port (0), not the default 52365: nodes on one machine,
+# or another Ray on it, would leave all but the first without the HTTP service, and a head agent
+# without it makes `ray job submit` answer "No available agent to submit job" for good.
 ray start --head --port="$PORT" --num-cpus="$CPUS" --temp-dir="$BASE" --dashboard-host=127.0.0.1 \
-    --dashboard-port="$DASHBOARD" --include-dashboard=true --disable-usage-stats >/dev/null
+    --dashboard-port="$DASHBOARD" --include-dashboard=true --dashboard-agent-listen-port=0 \
+    --disable-usage-stats >/dev/null
 for i in $(seq "$NODES"); do
     # Each worker node advertises `worker_node` (train.resources_per_worker: {worker_node: 1} puts
     # one Train worker per node) and its own `worker_<i>` (to place work on a chosen node).
@@ -33,7 +37,7 @@ for i in $(seq "$NODES"); do
     # job's working_dir into the same directory, and a node unpacking it anew (when its first
     # worker of the job starts) deletes the directory that the job's driver runs in.
     ray start --address="127.0.0.1:$PORT" --num-cpus="$CPUS" --resources="{\"worker_node\": 1, \"worker_$i\": 1}" \
-        --temp-dir="$BASE/node_$i" --disable-usage-stats >/dev/null
+        --temp-dir="$BASE/node_$i" --dashboard-agent-listen-port=0 --disable-usage-stats >/dev/null
 done
 echo "cluster up: head + $NODES worker node(s), $CPUS CPU(s) each; dashboard http://127.0.0.1:$DASHBOARD"
 echo "then: export RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:$DASHBOARD"

@@ -1,4 +1,4 @@
-"""Ray Train wiring: one TorchTrainer per stream (a session), its tasks handed over one at a time;
+"""Ray Train wiring: one TorchTrainer per run (a session), its tasks handed over one at a time;
 N CPU or GPU workers, fault-tolerant, resumable."""
 
 from __future__ import annotations
@@ -181,10 +181,10 @@ def scaling(cfg: TrainConfig) -> ScalingConfig:
 
 
 class TrainSession:
-    """One Ray Train run that trains a stream's tasks one after another on one worker group.
+    """One Ray Train run that trains many tasks, one after another, on one worker group.
 
     Starting a run costs about 9 s on a 2-core box (controller, worker actors, process group) plus
-    the workers' imports; a session pays it once per stream instead of once per task. The driver
+    the workers' imports; a session pays it once per run instead of once per task. The driver
     hands each task over with `fit` and gets its adapter back; gating happens between tasks while
     the workers wait. `storage_path` is a local directory or any pyarrow.fs URI; only adapter and
     strategy state is checkpointed there. A worker that dies is replaced up to `max_failures` times,
