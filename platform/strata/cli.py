@@ -208,9 +208,10 @@ def stream_coordinator(stream: str, out: str, storage: str | None):
     import os
 
     from strata.coordinator import Coordinator, default_storage
-    from strata.train.driver import init_ray
 
     if os.environ.get("RAY_ADDRESS"):
+        from strata.train.driver import init_ray  # Ray Train and torch: seconds of imports, only for the actor
+
         init_ray()
     return Coordinator(stream, default_storage(out, storage),
                        use_ray=bool(os.environ.get("RAY_ADDRESS")))
