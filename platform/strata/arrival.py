@@ -187,7 +187,7 @@ def keep_copy(state_dir: Path, dest: Path) -> Path:
 
 
 def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> dict:
-    """Mix the rows and train the task on Ray Train (the stream's session, or a run of its own) or in
+    """Mix the rows and train the task on Ray Train (the run's session, or a run of its own) or in
     this process; returns the final metrics.
 
     `val` (the task's own val rows) drives early stopping."""

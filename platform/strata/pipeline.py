@@ -92,8 +92,7 @@ def run_strategy(cfg: RunConfig, name: str, files: dict[str, Path], tables: dict
             predictions += prediction_rows(task, other, tables[other], tests[other], results[other])
         note(progress, bar, f"{name}: learned {task} ({t + 1}/{T}), acc {R[t, t]:.1f}", advance=1)
         if on_task is not None:
-            on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]],
-                                       base[: t + 1]))
+            on_task(name, t, summarize(R[: t + 1, : t + 1], [len(tests[k]) for k in tasks[: t + 1]], base[: t + 1]))
 
     sizes = [len(tests[t]) for t in tasks]
     timeline = coord.timeline(name)
