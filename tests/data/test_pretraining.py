@@ -11,6 +11,7 @@ from PIL import Image, ImageOps
 from strata.backbone.tiny import TinyRecipe, build_processor, tokenizer_text
 from strata.data import pretraining
 from strata.data.benchmark import TASKS, generate_task
+from strata.data.scenes import Obj, Scene
 
 
 def words(text: str) -> set[str]:
@@ -58,3 +59,24 @@ def test_a_rendered_word_stays_inside_the_image() -> None:
         assert box is not None, word
         left, top, right, bottom = box
         assert left > 0 and top > 0 and right < 48 and bottom < 48, (word, box)
+
+
+def test_the_vision_stage_labels_name_what_is_drawn_in_each_cell() -> None:
+    scene = Scene((Obj("red", "circle", "small", 0, 0), Obj("orange", "diamond", "large", 2, 1)))
+    labels = pretraining.cell_labels(scene)
+    assert labels[0] == [1, 1, 1] and labels[7] == [6, 4, 2]
+    assert all(ids == [0, 0, 0] for cell, ids in enumerate(labels) if cell not in (0, 7))
+    image, labels = pretraining.labelled_scene(random.Random(0), 48)
+    assert image.size == (48, 48) and len(labels) == 9
+
+
+def test_a_glyph_is_one_character_of_many_sizes_and_its_label() -> None:
+    rng = random.Random(1)
+    heights = set()
+    for _ in range(40):
+        image, index = pretraining.labelled_glyph(rng, 48)
+        assert 0 <= index < len(pretraining.GLYPHS) and image.size == (48, 48)
+        ink = ImageOps.invert(image.convert("L")).point(lambda v: 255 if v > 110 else 0).getbbox()
+        assert ink is not None
+        heights.add(ink[3] - ink[1])
+    assert max(heights) >= 2 * min(heights)  # sizes vary, so the tower cannot key on one font size

@@ -2,9 +2,9 @@
 
 No weights can be downloaded, so Strata ships a recipe: a BPE tokenizer (common English words
 whole) and an image processor built here, a model from config, and a few CPU minutes of
-pretraining on a procedurally drawn mixture of captions, questions and rendered words
-(strata/data/pretraining.py). The result is cached under the user's cache dir, keyed by the
-recipe's hash.
+pretraining on procedurally drawn data (strata/data/pretraining.py) in two stages: the vision
+tower alone on dense labels, then the whole model on captions, questions and rendered words. The
+result is cached under the user's cache dir, keyed by the recipe's hash.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from strata.data import pretraining
 from strata.data.collate import collate, encode_table
 from strata.data.template import EOS, IMAGE_TOKEN, render_answer, render_prompt
 
-RECIPE_VERSION = "5"  # bump when the code below changes what a recipe produces
+RECIPE_VERSION = "7"  # bump when the code below changes what a recipe produces
 SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
 
 
@@ -56,7 +56,9 @@ class TinyRecipe:
     patch_size: int = 8
     vocab_size: int = 3000  # enough for the common English words to stay whole
     corpus_size: int = 12000  # pretraining rows (drawn once, reused across epochs)
-    steps: int = 3000  # about 13 CPU minutes on 2 cores at the defaults
+    vision_steps: int = 1500  # the vision stage: about 3 CPU minutes on 2 cores at the defaults
+    vision_batch_size: int = 64  # its images are drawn fresh every step
+    steps: int = 3000  # the whole-model stage: about 13 CPU minutes on 2 cores at the defaults
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -70,7 +72,8 @@ class TinyRecipe:
 RECIPES = {
     "builtin:tiny": TinyRecipe(),
     # Small enough that a test session pretrains it in under a minute.
-    "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=2000, steps=500),
+    "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=2000, vision_steps=150,
+                               vision_batch_size=32, steps=500),
 }
 
 
@@ -149,6 +152,51 @@ def build_model(recipe: TinyRecipe, processor: LlavaProcessor) -> LlavaForCondit
     return model
 
 
+def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+
+
+def pretrain_vision(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    recipe: TinyRecipe,
+    progress: Callable[[int, float], None] | None = None,
+) -> float:
+    """The vision stage: train the tower alone, through throwaway linear heads, to name every grid
+    cell's colour, shape and size from its pooled patch tokens (the tokens the LM later reads);
+    returns the final smoothed loss."""
+    tower, w = model.model.vision_tower, recipe.width
+    grid = recipe.image_size // recipe.patch_size
+    cell_heads = torch.nn.ModuleList(torch.nn.Linear(w, len(v) + 1) for v in pretraining.CELL_LABELS.values())
+    params = [*tower.parameters(), *cell_heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=2 * recipe.lr, weight_decay=0.01)
+    sched = _cosine(opt, recipe.vision_steps)
+    rng = random.Random(f"vision:{recipe.seed}")
+    ce = torch.nn.functional.cross_entropy
+    tower.train()
+    ema = None
+    for step in range(recipe.vision_steps):
+        scenes = [pretraining.labelled_scene(rng, recipe.image_size) for _ in range(recipe.vision_batch_size)]
+        pixels = processor.image_processor([img for img, _ in scenes], return_tensors="pt")["pixel_values"]
+        tokens = tower(pixels).last_hidden_state[:, 1:]  # without CLS, as the LM sees them
+        grid_tokens = tokens.reshape(len(tokens), grid, grid, w).permute(0, 3, 1, 2)
+        cells = torch.nn.functional.adaptive_avg_pool2d(grid_tokens, 3).flatten(2).transpose(1, 2)
+        labels = torch.tensor([lab for _, lab in scenes])  # (images, 9 cells, attributes)
+        loss = sum(ce(head(cells).flatten(0, 1), labels[..., k].flatten()) for k, head in enumerate(cell_heads))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if progress is not None:
+            progress(step + 1, ema)
+    return float(ema)
+
+
 def pretrain(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -156,7 +204,7 @@ def pretrain(
     corpus: list[pretraining.Row],
     progress: Callable[[int, float], None] | None = None,
 ) -> float:
-    """Full-parameter pretraining on the mixture's rows; returns the final smoothed loss."""
+    """The whole-model stage: full-parameter training on the mixture's rows; returns the final smoothed loss."""
     table = pa.table({
         "image": [img for img, _, _ in corpus],
         "prompt": [prompt for _, prompt, _ in corpus],
@@ -165,10 +213,7 @@ def pretrain(
     enc = encode_table(processor, table, with_answers=True)
     pad = processor.tokenizer.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
-    warmup = max(1, recipe.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / recipe.steps))
-    )
+    sched = _cosine(opt, recipe.steps)
     rng = random.Random(recipe.seed)
     model.train()
     ema = None
@@ -187,10 +232,26 @@ def pretrain(
     return float(ema)
 
 
+# Builds committed with the code (`strata backbone build NAME --ship` refreshes one): a fresh machine
+# copies the build instead of spending CPU minutes on it. A shipped build is used only while its key
+# matches the recipe's, so editing the recipe falls back to building.
+SHIPPED = Path(__file__).parent / "built"
+
+
+def is_build_of(path: Path, recipe: TinyRecipe) -> bool:
+    """Whether `path` holds a finished build of exactly this recipe."""
+    try:
+        return json.loads((path / "strata_recipe.json").read_text())["key"] == recipe.key()
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
-    """Return the cached directory of a built-in backbone, building and pretraining it if absent."""
+    """Return the cached directory of a built-in backbone: copied from the shipped build of its recipe
+    when there is one, else built and pretrained here."""
     recipe = RECIPES[name]
-    final = cache_root() / "backbones" / f"{name.split(':')[1]}-{recipe.key()}"
+    short = name.split(":")[1]
+    final = cache_root() / "backbones" / f"{short}-{recipe.key()}"
     if (final / "strata_recipe.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -199,7 +260,19 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "strata_recipe.json").exists():
             return final
+        if is_build_of(SHIPPED / short, recipe):
+            return _install(lambda tmp: shutil.copytree(SHIPPED / short, tmp, dirs_exist_ok=True), final)
         return build(recipe, final, progress)
+
+
+def ship(name: str, built: Path) -> Path:
+    """Replace the shipped build of `name` with the build in `built` (atomically); returns its path."""
+    if not is_build_of(built, RECIPES[name]):
+        raise ValueError(f"{built} is not a finished build of the current {name} recipe")
+    dest = SHIPPED / name.split(":")[1]
+    if dest.exists():
+        shutil.rmtree(dest)
+    return _install(lambda tmp: shutil.copytree(built, tmp, dirs_exist_ok=True), dest)
 
 
 def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None] | None = None) -> Path:
@@ -208,12 +281,15 @@ def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None
     corpus = pretraining.corpus(recipe.seed, recipe.corpus_size, recipe.image_size)
     processor = build_processor(recipe, tokenizer_text(corpus))
     model = build_model(recipe, processor)
-    loss = pretrain(model, processor, recipe, corpus, progress)
+    vision_loss = pretrain_vision(model, processor, recipe, progress)
+    after_vision = None if progress is None else lambda step, ema: progress(recipe.vision_steps + step, ema)
+    loss = pretrain(model, processor, recipe, corpus, after_vision)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         meta = {"recipe": dataclasses.asdict(recipe), "key": recipe.key(), "final_loss": loss,
+                "vision_stage_loss": vision_loss,
                 "seconds": round(time.time() - started, 1)}
         # Written last: a directory without it is an unfinished build and is never used.
         (tmp / "strata_recipe.json").write_text(json.dumps(meta, indent=2))

@@ -1,4 +1,10 @@
-"""The built-in backbone's pretraining mixture: captions, question-answer pairs and rendered words.
+"""The built-in backbone's pretraining data: labelled images for the vision stage, then a mixture of
+captions, question-answer pairs and rendered words for the whole model.
+
+The vision stage gives the tower direct, dense supervision (every grid cell's colour, shape and
+size), so its frozen features carry what instruction tasks ask about; a
+caption loss alone left shape and the dim colours undecodable after 3000 steps (docs/ARCHITECTURE.md,
+"The built-in backbone").
 
 The built-in backbone is frozen and its LM head shares the input embeddings, so a word that
 pretraining never made the model say keeps its random embedding, and no adapter can then make the
@@ -13,6 +19,7 @@ not solved zero-shot; its features must still carry what those tasks ask about.
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -112,12 +119,17 @@ def _word(rng: random.Random, size: int) -> Row:
     return png_bytes(render_word(word, rng, size)), "What is written here?", f"it says {word}."
 
 
-def render_word(word: str, rng: random.Random, size: int) -> Image.Image:
+def _glyph(rng: random.Random, size: int) -> Row:
+    image, index = labelled_glyph(rng, size)
+    return png_bytes(image), "What is written here?", f"it says {GLYPHS[index]}."
+
+
+def render_word(word: str, rng: random.Random, size: int, font_size: int | None = None) -> Image.Image:
     """`word` in dark type on a light, noisy background, at a random position that keeps it whole."""
     noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
     image = noise.point([226 + v * 24 // 256 for v in range(256)] * 3)
     pen = ImageDraw.Draw(image)
-    font_size = max(6, size // 4)
+    font_size = max(6, font_size or size // 4)
     font = ImageFont.load_default(size=font_size)
     while font_size > 6 and pen.textbbox((0, 0), word, font=font)[2] > size - 2:
         font_size -= 1
@@ -130,16 +142,18 @@ def render_word(word: str, rng: random.Random, size: int) -> Image.Image:
     return image
 
 
-# Kind of row -> (weight, builder). Captions carry the most; each question kind teaches a skill
-# and its answer words.
+# Kind of row -> (weight, builder). Each question kind teaches a skill and its answer words. The
+# questions that bind a named object to the image (presence, position, bigger) weigh the most: after
+# the vision stage, single attributes are learned fast and binding is what lags.
 MIXTURE: dict[str, tuple[float, Callable[[random.Random, int], Row]]] = {
-    "caption": (0.30, _caption),
-    "presence": (0.12, _presence),
-    "count": (0.08, _how_many),
-    "position": (0.12, _position),
-    "bigger": (0.08, _bigger),
-    "attribute": (0.10, _attribute),
-    "word": (0.20, _word),
+    "caption": (0.28, _caption),
+    "presence": (0.16, _presence),
+    "count": (0.06, _how_many),
+    "position": (0.16, _position),
+    "bigger": (0.10, _bigger),
+    "attribute": (0.06, _attribute),
+    "word": (0.12, _word),
+    "glyph": (0.06, _glyph),
 }
 
 
@@ -155,3 +169,29 @@ def tokenizer_text(rows: list[Row]) -> list[str]:
     """What the tokenizer is trained on: English words (weighted up), the mixture's prompts and answers."""
     words = " ".join(english_words())
     return [words] * 20 + [f"{p} {a}" for _, p, a in rows] + [" ".join(SIZES)]
+
+
+# The vision stage's labels. Per grid cell: colour, shape and size class ids, 0 for an empty cell.
+CELL_LABELS: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHAPES, "size": SIZES}
+GLYPHS = string.digits + string.ascii_lowercase
+
+
+def cell_labels(scene: Scene) -> list[list[int]]:
+    """Each of the 9 grid cells' (colour, shape, size) class ids, row-major; 0 marks an empty cell."""
+    labels = [[0] * len(CELL_LABELS) for _ in range(9)]
+    for obj in scene.objects:
+        values = (obj.colour, obj.shape, obj.size)
+        labels[3 * obj.row + obj.col] = [names.index(v) + 1 for names, v in zip(CELL_LABELS.values(), values)]
+    return labels
+
+
+def labelled_scene(rng: random.Random, size: int) -> tuple[Image.Image, list[list[int]]]:
+    """A scene of 0-5 objects (30% in the dim domain), drawn, with its cell labels."""
+    scene = random_scene(rng, rng.randint(0, 5), "shift" if rng.random() < 0.3 else "default")
+    return draw(scene, rng, size), cell_labels(scene)
+
+
+def labelled_glyph(rng: random.Random, size: int) -> tuple[Image.Image, int]:
+    """One digit or lowercase letter at a random size and place, and its index in GLYPHS."""
+    index = rng.randrange(len(GLYPHS))
+    return render_word(GLYPHS[index], rng, size, font_size=rng.randint(size // 4, size * 3 // 4)), index
