@@ -259,6 +259,8 @@ def test_early_stop_waits_for_patience_checks_without_a_one_percent_gain() -> No
     assert [stop.should_stop(x) for x in (1.0, 0.5, 0.499, 0.3, 0.3, 0.31)] == [False, False, False, False, False, True]
     small = EarlyStop(patience=2)  # near zero a 10% gain of 0.005 nats is not a gain
     assert [small.should_stop(x) for x in (0.05, 0.045, 0.041)] == [False, False, True]
+    learned = EarlyStop(patience=2)  # under 0.01 nats per answer token the task is learned: stop at once
+    assert [learned.should_stop(x) for x in (0.4, 0.02, 0.009)] == [False, False, True]
 
 
 def test_a_task_stops_once_its_val_loss_stops_improving(backbone, rows, tmp_path: Path) -> None:

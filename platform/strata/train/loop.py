@@ -53,18 +53,23 @@ def answer_tokens(batch: dict, distributed: bool) -> torch.Tensor:
 
 
 class EarlyStop:
-    """Stop once `patience` val checks in a row gain less than 1% and less than MIN_GAIN nats.
+    """Stop once `patience` val checks in a row gain less than 1% and less than MIN_GAIN nats, or at
+    once when the val loss is under LEARNED.
 
     The absolute floor matters near zero: a val loss going 0.05 → 0.045 still gains 10%, but the
-    answers it scores were already right.
+    answers it scores were already right. Under LEARNED nats per answer token the right answer
+    already has about 99% of the probability on val, so more steps only sharpen it.
     """
 
     MIN_GAIN = 0.01  # nats per answer token
+    LEARNED = 0.01
 
     def __init__(self, patience: int) -> None:
         self.patience, self.best, self.stale = patience, math.inf, 0
 
     def should_stop(self, loss: float) -> bool:
+        if loss < self.LEARNED:
+            return True
         if math.isinf(self.best) or self.best - loss > max(0.01 * self.best, self.MIN_GAIN):
             self.best, self.stale = loss, 0
         else:
