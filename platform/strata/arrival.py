@@ -170,9 +170,13 @@ def training_session(cfg: RunConfig) -> Iterator[TrainSession | None]:
     if cfg.train.executor != "ray":
         yield None
         return
-    storage = cfg.train.storage_path or str(Path(cfg.out).resolve() / "ray")
-    with TrainSession(cfg.train, storage, f"{cfg.stream}-{uuid.uuid4().hex[:8]}") as session:
+    with TrainSession(cfg.train, checkpoint_storage(cfg), f"{cfg.stream}-{uuid.uuid4().hex[:8]}") as session:
         yield session
+
+
+def checkpoint_storage(cfg: RunConfig) -> str:
+    """Where Ray Train keeps a run's checkpoints: `train.storage_path`, else `<out>/ray`."""
+    return cfg.train.storage_path or str(Path(cfg.out).resolve() / "ray")
 
 
 def keep_copy(state_dir: Path, dest: Path) -> Path:
@@ -201,8 +205,7 @@ def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> di
     elif s.session is not None:
         trained = s.session.fit(job)
     else:
-        storage = s.cfg.train.storage_path or str(s.out / "ray")
-        trained = fit_task(job, storage, f"{s.name}-{ctx.index:02d}-{ctx.name}-{run_id}")
+        trained = fit_task(job, checkpoint_storage(s.cfg), f"{s.name}-{ctx.index:02d}-{ctx.name}-{run_id}")
     return {k: v for k, v in trained.items() if isinstance(v, (int, float, str))}
 
 
