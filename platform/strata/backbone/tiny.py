@@ -159,6 +159,17 @@ def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.
     )
 
 
+def _update(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+            sched: torch.optim.lr_scheduler.LambdaLR, ema: float | None) -> float:
+    """One optimizer step on `loss`, gradients clipped at norm 1; returns the smoothed loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+
+
 def pretrain_vision(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
@@ -186,12 +197,7 @@ def pretrain_vision(
         cells = torch.nn.functional.adaptive_avg_pool2d(grid_tokens, 3).flatten(2).transpose(1, 2)
         labels = torch.tensor([lab for _, lab in scenes])  # (images, 9 cells, attributes)
         loss = sum(ce(head(cells).flatten(0, 1), labels[..., k].flatten()) for k, head in enumerate(cell_heads))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _update(loss, params, opt, sched, ema)
         if progress is not None:
             progress(step + 1, ema)
     return float(ema)
@@ -212,20 +218,15 @@ def pretrain(
     })
     enc = encode_table(processor, table, with_answers=True)
     pad = processor.tokenizer.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
     sched = _cosine(opt, recipe.steps)
     rng = random.Random(recipe.seed)
     model.train()
     ema = None
     for step in range(recipe.steps):
         batch = collate(enc.select(rng.sample(range(len(enc)), recipe.batch_size)), pad)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = _update(model(**batch).loss, params, opt, sched, ema)
         if progress is not None:
             progress(step + 1, ema)
     model.eval()
