@@ -177,7 +177,8 @@ def test_run_rejects_a_bad_dataset_before_anything_is_written(tmp_path: Path, ba
     assert not out.exists()
 
 
-def test_backbone_build_refuses_an_unknown_name_and_rebuilds_a_known_one(tmp_path: Path, monkeypatch) -> None:
+def test_backbone_build_refuses_an_unknown_name_and_builds_a_known_one_into_the_cache(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
     result = invoke("backbone", "build", "builtin:huge")
     assert result.exit_code == 1 and "unknown built-in backbone 'builtin:huge'" in flat(result.output)
     assert "builtin:test" in result.output and "builtin:tiny" in result.output
@@ -187,9 +188,8 @@ def test_backbone_build_refuses_an_unknown_name_and_rebuilds_a_known_one(tmp_pat
     small = dataclasses.replace(tiny.RECIPES["builtin:test"], corpus_size=64, vision_steps=4, vision_batch_size=8,
                                 steps=6, batch_size=4)
     monkeypatch.setitem(tiny.RECIPES, "builtin:small", small)
-    monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "shipped")
-    first = invoke("backbone", "build", "builtin:small", "--out", tmp_path / "a", "--ship")
-    assert first.exit_code == 0, first.output
-    assert tiny.is_build_of(tmp_path / "shipped" / "small", small)
-    again = invoke("backbone", "build", "builtin:small", "--out", tmp_path / "b")
-    assert again.exit_code == 0 and "weights equal the shipped build" in flat(again.output)
+    monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
+    result = invoke("backbone", "build", "builtin:small")
+    assert result.exit_code == 0, result.output
+    built = tmp_path / "backbones" / f"small-{small.key()}"
+    assert (built / "strata_recipe.json").exists() and f"ready: {built}" in flat(result.output)

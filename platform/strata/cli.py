@@ -302,30 +302,15 @@ def data_generate(out: Path, seed: int = 0, tasks: int = 8, test_rows: int = 500
 
 
 @backbone_app.command("build")
-def backbone_build(
-    name: str = typer.Argument(..., help="A built-in backbone, e.g. builtin:tiny."),
-    out: Path | None = typer.Option(None, help="Where to write it (default: a fresh folder in the cache)."),
-    ship: bool = typer.Option(False, help="Also replace the build shipped with the code (for maintainers)."),
-) -> None:
-    """Build a built-in backbone from its recipe, even when a shipped build exists, and say whether
-    its weights equal the shipped ones."""
-    import time
+def backbone_build(name: str = typer.Argument(..., help="A built-in backbone, e.g. builtin:tiny.")) -> None:
+    """Build a built-in backbone into the cache now (a no-op when it is cached), e.g. before `make run`."""
+    from strata.backbone.tiny import RECIPES, ensure_builtin
 
-    from strata.backbone import tiny
-
-    if name not in tiny.RECIPES:
-        fail(f"unknown built-in backbone {name!r}; expected one of {sorted(tiny.RECIPES)}")
-    recipe = tiny.RECIPES[name]
-    dest = out or tiny.cache_root() / "backbones" / f"rebuilt-{name.split(':')[1]}-{recipe.key()}-{int(time.time())}"
-    total = recipe.vision_steps + recipe.steps
-    tiny.build(recipe, dest, lambda s, loss: console.print(f"step {s}/{total}, loss {loss:.3f}") if s % 250 == 0 else None)
-    shipped = tiny.SHIPPED / name.split(":")[1]
-    if tiny.is_build_of(shipped, recipe):
-        same = (shipped / "model.safetensors").read_bytes() == (dest / "model.safetensors").read_bytes()
-        console.print(f"weights {'equal' if same else 'differ from'} the shipped build")
-    if ship:
-        console.print(f"shipped: {tiny.ship(name, dest)}")
-    console.print(f"built: {dest}")
+    if name not in RECIPES:
+        fail(f"unknown built-in backbone {name!r}; expected one of {sorted(RECIPES)}")
+    total = RECIPES[name].vision_steps + RECIPES[name].steps
+    path = ensure_builtin(name, lambda s, loss: console.print(f"step {s}/{total}, loss {loss:.3f}") if s % 250 == 0 else None)
+    console.print(f"ready: {path}")
 
 
 @adapters_app.command("kinds")

@@ -233,26 +233,10 @@ def pretrain(
     return float(ema)
 
 
-# Builds committed with the code (`strata backbone build NAME --ship` refreshes one): a fresh machine
-# copies the build instead of spending CPU minutes on it. A shipped build is used only while its key
-# matches the recipe's, so editing the recipe falls back to building.
-SHIPPED = Path(__file__).parent / "built"
-
-
-def is_build_of(path: Path, recipe: TinyRecipe) -> bool:
-    """Whether `path` holds a finished build of exactly this recipe."""
-    try:
-        return json.loads((path / "strata_recipe.json").read_text())["key"] == recipe.key()
-    except (OSError, ValueError, KeyError):
-        return False
-
-
 def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
-    """Return the cached directory of a built-in backbone: copied from the shipped build of its recipe
-    when there is one, else built and pretrained here."""
+    """Return the cached directory of a built-in backbone, building and pretraining it if absent."""
     recipe = RECIPES[name]
-    short = name.split(":")[1]
-    final = cache_root() / "backbones" / f"{short}-{recipe.key()}"
+    final = cache_root() / "backbones" / f"{name.split(':')[1]}-{recipe.key()}"
     if (final / "strata_recipe.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -261,19 +245,7 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "strata_recipe.json").exists():
             return final
-        if is_build_of(SHIPPED / short, recipe):
-            return _install(lambda tmp: shutil.copytree(SHIPPED / short, tmp, dirs_exist_ok=True), final)
         return build(recipe, final, progress)
-
-
-def ship(name: str, built: Path) -> Path:
-    """Replace the shipped build of `name` with the build in `built` (atomically); returns its path."""
-    if not is_build_of(built, RECIPES[name]):
-        raise ValueError(f"{built} is not a finished build of the current {name} recipe")
-    dest = SHIPPED / name.split(":")[1]
-    if dest.exists():
-        shutil.rmtree(dest)
-    return _install(lambda tmp: shutil.copytree(built, tmp, dirs_exist_ok=True), dest)
 
 
 def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None] | None = None) -> Path:
