@@ -44,7 +44,7 @@ def skills(model, processor, rows: int) -> dict[str, dict]:
     """Exact-match accuracy (%) per mixture kind on `rows` held-out rows, and the majority answer's share."""
     rng = random.Random("held-out")  # not the corpus' seed stream: rows the backbone never saw
     out = {}
-    for kind, (_, make) in pretraining.MIXTURE.items():
+    for kind, make in pretraining.KINDS.items():
         drawn = [make(rng, 48) for _ in range(rows)]
         table = pa.table({"image": [r[0] for r in drawn], "prompt": [r[1] for r in drawn],
                           "answer": [r[2] for r in drawn]})

@@ -114,7 +114,7 @@ def make_recipe(args: argparse.Namespace) -> TinyRecipe:
 
 
 def make_batches(processor, n_batches: int, seed: int = 0) -> list[Batch]:
-    """Batches of 16 rows mixing all eight tasks: 36 image tokens + ~30 text tokens per row."""
+    """Batches of 16 rows mixing all eight tasks: 9 image tokens + ~30 text tokens per row."""
     per_task = -(-n_batches * BATCH_SIZE // len(benchmark.TASKS))
     tables = [benchmark.generate_task(t, seed, per_task, 0, 0) for t in benchmark.TASKS]
     enc = encode_table(processor, pa.concat_tables(tables), with_answers=True)

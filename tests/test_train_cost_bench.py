@@ -28,7 +28,7 @@ def test_smoke_run_writes_report(tmp_path: Path) -> None:
     assert {"platform", "cpu_count", "torch"} <= set(report["machine"])
     assert "--smoke-test" in report["command"]
     assert report["config"]["recipe"]["width"] == 64 and report["config"]["steps"] == 2
-    assert report["config"]["image_tokens"] == 36
+    assert report["config"]["image_tokens"] == 9
 
     check = report["cached_vision_loss_check"]
     assert check["passed"] and check["abs_diff"] <= 1e-5 and check["grad_max_abs_diff"] <= 1e-5

@@ -308,7 +308,7 @@ def backbone_build(name: str = typer.Argument(..., help="A built-in backbone, e.
 
     if name not in RECIPES:
         fail(f"unknown built-in backbone {name!r}; expected one of {sorted(RECIPES)}")
-    total = RECIPES[name].vision_steps + RECIPES[name].steps
+    total = RECIPES[name].total_steps
     path = ensure_builtin(name, lambda s, loss: console.print(f"step {s}/{total}, loss {loss:.3f}") if s % 250 == 0 else None)
     console.print(f"ready: {path}")
 

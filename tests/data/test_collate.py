@@ -66,7 +66,7 @@ def test_image_tokens_match_image_seq_length(loaded, encoded) -> None:
     image_id = model.config.image_token_index
     assert image_id == processor.tokenizer.convert_tokens_to_ids("<image>")
     for ids in encoded.input_ids:
-        assert ids.count(image_id) == model.config.image_seq_length == 36
+        assert ids.count(image_id) == model.config.image_seq_length == 9  # one token per grid cell
     size = processor.image_processor.crop_size["height"]
     assert encoded.pixel_values.shape == (len(encoded), 3, size, size)
 

@@ -80,3 +80,25 @@ def test_a_glyph_is_one_character_of_many_sizes_and_its_label() -> None:
         assert ink is not None
         heights.add(ink[3] - ink[1])
     assert max(heights) >= 2 * min(heights)  # sizes vary, so the tower cannot key on one font size
+
+
+def test_a_near_miss_shares_one_attribute_with_a_drawn_object_and_is_not_drawn() -> None:
+    scene = Scene((Obj("red", "circle", "small", 0, 0), Obj("blue", "square", "large", 1, 1)))
+    near = pretraining.near_misses(scene)
+    assert ("red", "square") in near and ("blue", "circle") in near and ("red", "triangle") in near
+    assert ("red", "circle") not in near and ("blue", "square") not in near
+    assert all(c in ("red", "blue") or s in ("circle", "square") for c, s in near)
+    assert ("green", "triangle") not in near
+
+
+def test_the_binding_stage_asks_about_one_object_among_several() -> None:
+    rows = pretraining.draw_rows(random.Random(3), pretraining.BINDING, 400, 48)
+    assert rows == pretraining.draw_rows(random.Random(3), pretraining.BINDING, 400, 48)
+    prompts = [p for _, p, _ in rows]
+    for start in ("Where is the ", "What colour is the ", "What shape is the ", "Can you see a "):
+        assert any(p.startswith(start) for p in prompts), start
+    # The named attribute is unique in the scene, so the answer names exactly one object.
+    for _, prompt, answer in rows:
+        if prompt.startswith("What colour is the "):
+            shape = prompt.removeprefix("What colour is the ").removesuffix("?")
+            assert answer.startswith(f"the {shape} is ")

@@ -2,9 +2,10 @@
 
 No weights can be downloaded, so Strata ships a recipe: a BPE tokenizer (common English words
 whole) and an image processor built here, a model from config, and a few CPU minutes of
-pretraining on procedurally drawn data (strata/data/pretraining.py) in two stages: the vision
-tower alone on dense labels, then the whole model on captions, questions and rendered words. The
-result is cached under the user's cache dir, keyed by the recipe's hash.
+pretraining on procedurally drawn data (strata/data/pretraining.py) in three stages: the vision
+tower alone on dense labels; the whole model on captions, questions and rendered words; then the
+whole model on questions that name one object among several. The result is cached under the
+user's cache dir, keyed by the recipe's hash.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from strata.data import pretraining
 from strata.data.collate import collate, encode_table
 from strata.data.template import EOS, IMAGE_TOKEN, render_answer, render_prompt
 
-RECIPE_VERSION = "7"  # bump when the code below changes what a recipe produces
+RECIPE_VERSION = "8"  # bump when the code below changes what a recipe produces
 SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
 
 
@@ -53,15 +54,23 @@ class TinyRecipe:
     text_layers: int = 4
     heads: int = 4
     image_size: int = 48
-    patch_size: int = 8
+    # One patch per cell of the scenes' 3x3 grid, so one image token holds one object's colour,
+    # shape and size together, and "the red circle" is one token for the LM to find.
+    patch_size: int = 16
     vocab_size: int = 3000  # enough for the common English words to stay whole
     corpus_size: int = 12000  # pretraining rows (drawn once, reused across epochs)
-    vision_steps: int = 1500  # the vision stage: about 3 CPU minutes on 2 cores at the defaults
+    vision_steps: int = 1500  # the vision stage: about 2 of the build's 16 CPU minutes on 2 cores
     vision_batch_size: int = 64  # its images are drawn fresh every step
-    steps: int = 3000  # the whole-model stage: about 13 CPU minutes on 2 cores at the defaults
+    steps: int = 3000  # the whole-model stage on the mixture corpus
+    binding_steps: int = 3000  # the binding stage, on rows drawn fresh every step
     batch_size: int = 32
     lr: float = 1e-3
     seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps over all three stages, for progress."""
+        return self.vision_steps + self.steps + self.binding_steps
 
     def key(self) -> str:
         """Cache key: hash of the recipe fields and the recipe code version."""
@@ -73,7 +82,7 @@ RECIPES = {
     "builtin:tiny": TinyRecipe(),
     # Small enough that a test session pretrains it in under a minute.
     "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=2000, vision_steps=150,
-                               vision_batch_size=32, steps=500),
+                               vision_batch_size=32, steps=500, binding_steps=200),
 }
 
 
@@ -205,32 +214,43 @@ def pretrain_vision(
 
 def pretrain(
     model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
     recipe: TinyRecipe,
-    corpus: list[pretraining.Row],
+    batches: Callable[[], dict[str, torch.Tensor]],
+    steps: int,
     progress: Callable[[int, float], None] | None = None,
 ) -> float:
-    """The whole-model stage: full-parameter training on the mixture's rows; returns the final smoothed loss."""
-    table = pa.table({
-        "image": [img for img, _, _ in corpus],
-        "prompt": [prompt for _, prompt, _ in corpus],
-        "answer": [answer for _, _, answer in corpus],
-    })
-    enc = encode_table(processor, table, with_answers=True)
-    pad = processor.tokenizer.pad_token_id
+    """A whole-model stage: full-parameter training for `steps` steps, each on `batches()`; returns the
+    final smoothed loss."""
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01)
-    sched = _cosine(opt, recipe.steps)
-    rng = random.Random(recipe.seed)
+    sched = _cosine(opt, steps)
     model.train()
     ema = None
-    for step in range(recipe.steps):
-        batch = collate(enc.select(rng.sample(range(len(enc)), recipe.batch_size)), pad)
-        ema = _update(model(**batch).loss, params, opt, sched, ema)
+    for step in range(steps):
+        ema = _update(model(**batches()).loss, params, opt, sched, ema)
         if progress is not None:
             progress(step + 1, ema)
     model.eval()
     return float(ema)
+
+
+def _encode(processor: LlavaProcessor, rows: list[pretraining.Row]) -> pa.Table:
+    table = pa.table({"image": [r[0] for r in rows], "prompt": [r[1] for r in rows], "answer": [r[2] for r in rows]})
+    return encode_table(processor, table, with_answers=True)
+
+
+def corpus_batches(processor: LlavaProcessor, recipe: TinyRecipe,
+                   corpus: list[pretraining.Row]) -> Callable[[], dict[str, torch.Tensor]]:
+    """Batches sampled from the fixed mixture corpus (encoded once)."""
+    enc, rng, pad = _encode(processor, corpus), random.Random(recipe.seed), processor.tokenizer.pad_token_id
+    return lambda: collate(enc.select(rng.sample(range(len(enc)), recipe.batch_size)), pad)
+
+
+def binding_batches(processor: LlavaProcessor, recipe: TinyRecipe) -> Callable[[], dict[str, torch.Tensor]]:
+    """Batches of the binding stage, drawn fresh every step so that no scene is seen twice."""
+    rng, pad = random.Random(f"binding:{recipe.seed}"), processor.tokenizer.pad_token_id
+    draw = pretraining.draw_rows
+    return lambda: collate(_encode(processor, draw(rng, pretraining.BINDING, recipe.batch_size, recipe.image_size)), pad)
 
 
 def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
@@ -255,19 +275,26 @@ def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None
     processor = build_processor(recipe, tokenizer_text(corpus))
     model = build_model(recipe, processor)
     vision_loss = pretrain_vision(model, processor, recipe, progress)
-    after_vision = None if progress is None else lambda step, ema: progress(recipe.vision_steps + step, ema)
-    loss = pretrain(model, processor, recipe, corpus, after_vision)
+    mixture_loss = pretrain(model, recipe, corpus_batches(processor, recipe, corpus), recipe.steps,
+                            _after(progress, recipe.vision_steps))
+    loss = pretrain(model, recipe, binding_batches(processor, recipe), recipe.binding_steps,
+                    _after(progress, recipe.vision_steps + recipe.steps))
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         meta = {"recipe": dataclasses.asdict(recipe), "key": recipe.key(), "final_loss": loss,
-                "vision_stage_loss": vision_loss,
+                "vision_stage_loss": vision_loss, "mixture_stage_loss": mixture_loss,
                 "seconds": round(time.time() - started, 1)}
         # Written last: a directory without it is an unfinished build and is never used.
         (tmp / "strata_recipe.json").write_text(json.dumps(meta, indent=2))
 
     return _install(save, final)
+
+
+def _after(progress: Callable[[int, float], None] | None, done: int) -> Callable[[int, float], None] | None:
+    """`progress` for a later stage: its steps counted after the `done` steps of the earlier ones."""
+    return None if progress is None else lambda step, ema: progress(done + step, ema)
 
 
 def _install(fill: Callable[[Path], object], final: Path) -> Path:

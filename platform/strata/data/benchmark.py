@@ -27,6 +27,7 @@ from strata.data.scenes import (
     Obj,
     Scene,
     draw,
+    near_misses,
     png_bytes,
     random_scene,
 )
@@ -109,15 +110,10 @@ def _location(rng: random.Random, target: str) -> Example:
 
 def _exists(rng: random.Random, target: str) -> Example:
     scene = random_scene(rng, rng.choice((2, 3)), distinct_kinds=True)
-    present = {(o.colour, o.shape) for o in scene.objects}
     if target == "yes":
-        colour, shape = rng.choice(sorted(present))
+        colour, shape = rng.choice(sorted((o.colour, o.shape) for o in scene.objects))
     else:
-        # A near miss (shares colour or shape with something present) so "no" needs binding.
-        near = {
-            (c, s) for c0, s0 in present for c in COLOUR_NAMES for s in SHAPES if c == c0 or s == s0
-        }
-        colour, shape = rng.choice(sorted(near - present))
+        colour, shape = rng.choice(near_misses(scene))  # so that "no" needs binding
     return scene, _prompt(rng, "exists", colour=colour, shape=shape), target
 
 

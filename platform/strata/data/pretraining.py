@@ -1,5 +1,5 @@
-"""The built-in backbone's pretraining data: labelled images for the vision stage, then a mixture of
-captions, question-answer pairs and rendered words for the whole model.
+"""The built-in backbone's pretraining data: labelled images for the vision stage, a mixture of
+captions, question-answer pairs and rendered words for the whole model, then binding questions.
 
 The vision stage gives the tower direct, dense supervision (every grid cell's colour, shape and
 size), so its frozen features carry what instruction tasks ask about; a
@@ -26,7 +26,7 @@ from importlib import resources
 
 from PIL import Image, ImageDraw, ImageFont
 
-from strata.data.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, draw, png_bytes, random_scene
+from strata.data.scenes import COLOURS, SHAPES, SIZES, Obj, Scene, draw, near_misses, png_bytes, random_scene
 from strata.data.scenes import caption as scene_caption
 
 DESCRIBE = "Describe the image."
@@ -73,14 +73,13 @@ def _caption(rng: random.Random, size: int) -> Row:
 
 
 def _presence(rng: random.Random, size: int) -> Row:
-    scene = random_scene(rng, rng.randint(1, 3), distinct_kinds=True)
-    present = {o.kind for o in scene.objects}
+    scene = random_scene(rng, rng.randint(2, 4), distinct_kinds=True)
+    present = {(o.colour, o.shape) for o in scene.objects}
     if rng.random() < 0.5:
-        kind = rng.choice(sorted(present))
-        return _scene_row(rng, scene, size, f"Can you see a {kind}?", f"yes, there is a {kind}.")
-    absent = sorted({f"{c} {s}" for c in COLOURS for s in SHAPES} - present)
-    kind = rng.choice(absent)
-    return _scene_row(rng, scene, size, f"Can you see a {kind}?", f"no, there is no {kind}.")
+        colour, shape = rng.choice(sorted(present))
+        return _scene_row(rng, scene, size, f"Can you see a {colour} {shape}?", f"yes, there is a {colour} {shape}.")
+    colour, shape = rng.choice(near_misses(scene))
+    return _scene_row(rng, scene, size, f"Can you see a {colour} {shape}?", f"no, there is no {colour} {shape}.")
 
 
 def _how_many(rng: random.Random, size: int) -> Row:
@@ -90,10 +89,37 @@ def _how_many(rng: random.Random, size: int) -> Row:
 
 
 def _position(rng: random.Random, size: int) -> Row:
-    scene = random_scene(rng, 2, distinct_kinds=True)
+    scene = random_scene(rng, rng.randint(2, 4), distinct_kinds=True)
     a, b = rng.sample(scene.objects, 2)
     return _scene_row(rng, scene, size, f"Where is the {a.kind} compared with the {b.kind}?",
                       f"the {a.kind} is {_relation_phrase(a, b)} the {b.kind}.")
+
+
+def _where(rng: random.Random, size: int) -> Row:
+    scene = random_scene(rng, rng.randint(2, 4), distinct_kinds=True)
+    obj = rng.choice(scene.objects)
+    return _scene_row(rng, scene, size, f"Where is the {obj.kind}?", f"the {obj.kind} is at the {obj.location}.")
+
+
+def _unique(rng: random.Random, size: int, key: str) -> tuple[Scene, Obj]:
+    """A scene of 2-4 objects and one of them whose `key` (colour or shape) no other object has."""
+    while True:
+        scene = random_scene(rng, rng.randint(2, 4), distinct_kinds=True)
+        values = [getattr(o, key) for o in scene.objects]
+        unique = [o for o in scene.objects if values.count(getattr(o, key)) == 1]
+        if unique:
+            return scene, rng.choice(unique)
+
+
+def _colour_of(rng: random.Random, size: int) -> Row:
+    scene, obj = _unique(rng, size, "shape")
+    return _scene_row(rng, scene, size, f"What colour is the {obj.shape}?", f"the {obj.shape} is {obj.colour}.")
+
+
+def _shape_of(rng: random.Random, size: int) -> Row:
+    scene, obj = _unique(rng, size, "colour")
+    return _scene_row(rng, scene, size, f"What shape is the {obj.colour} object?",
+                      f"the {obj.colour} object is a {obj.shape}.")
 
 
 def _bigger(rng: random.Random, size: int) -> Row:
@@ -142,27 +168,36 @@ def render_word(word: str, rng: random.Random, size: int, font_size: int | None 
     return image
 
 
-# Kind of row -> (weight, builder). Each question kind teaches a skill and its answer words. The
-# questions that bind a named object to the image (presence, position, bigger) weigh the most: after
-# the vision stage, single attributes are learned fast and binding is what lags.
-MIXTURE: dict[str, tuple[float, Callable[[random.Random, int], Row]]] = {
-    "caption": (0.28, _caption),
-    "presence": (0.16, _presence),
-    "count": (0.06, _how_many),
-    "position": (0.16, _position),
-    "bigger": (0.10, _bigger),
-    "attribute": (0.06, _attribute),
-    "word": (0.12, _word),
-    "glyph": (0.06, _glyph),
+# Kind of row -> builder. Each kind teaches a skill and its answer words.
+KINDS: dict[str, Callable[[random.Random, int], Row]] = {
+    "caption": _caption, "presence": _presence, "count": _how_many, "position": _position,
+    "bigger": _bigger, "attribute": _attribute, "word": _word, "glyph": _glyph,
+    "where": _where, "colour_of": _colour_of, "shape_of": _shape_of,
 }
+# The whole-model stage's weights over KINDS: every skill and answer word.
+MIXTURE: dict[str, float] = {
+    "caption": 0.26, "presence": 0.16, "count": 0.06, "position": 0.12, "bigger": 0.10,
+    "attribute": 0.06, "word": 0.12, "glyph": 0.06, "colour_of": 0.06,
+}
+# The binding stage's weights: questions that name an object among others, so the LM must find the
+# image token that has both named attributes. A tiny LM learns this retrieval only after a plateau
+# of some hundred steps on such rows, and not at all when they are a few percent of a mixture
+# (docs/ARCHITECTURE.md, "The built-in backbone").
+BINDING: dict[str, float] = {
+    "presence": 0.2, "position": 0.3, "where": 0.15, "colour_of": 0.1, "shape_of": 0.1,
+    "caption": 0.05, "word": 0.05, "glyph": 0.05,
+}
+
+
+def draw_rows(rng: random.Random, weights: dict[str, float], n: int, image_size: int) -> list[Row]:
+    """`n` rows whose kinds are drawn from `weights` over KINDS."""
+    kinds, shares = list(weights), list(weights.values())
+    return [KINDS[rng.choices(kinds, shares)[0]](rng, image_size) for _ in range(n)]
 
 
 def corpus(seed: int, n: int, image_size: int) -> list[Row]:
     """`n` pretraining rows drawn from MIXTURE, deterministically from `seed`."""
-    rng = random.Random(f"pretrain:{seed}")
-    kinds = list(MIXTURE)
-    weights = [MIXTURE[k][0] for k in kinds]
-    return [MIXTURE[rng.choices(kinds, weights)[0]][1](rng, image_size) for _ in range(n)]
+    return draw_rows(random.Random(f"pretrain:{seed}"), MIXTURE, n, image_size)
 
 
 def tokenizer_text(rows: list[Row]) -> list[str]:

@@ -209,3 +209,11 @@ def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def near_misses(scene: Scene) -> list[tuple[str, str]]:
+    """(colour, shape) kinds not drawn that share the colour or the shape of a drawn object: asking
+    about one, "no" needs the two attributes bound to one object."""
+    present = {(o.colour, o.shape) for o in scene.objects}
+    near = {(c, s) for c0, s0 in present for c in COLOURS for s in SHAPES if c == c0 or s == s0}
+    return sorted(near - present)
