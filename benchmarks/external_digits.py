@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,8 @@ def main() -> None:
                         "--val-fraction", "0.2", "--test-fraction", "0.2"], check=True)
     (data / "stream.json").write_text(json.dumps({"tasks": list(TASKS)}))
     strategies = [a for s in (args.strategy or ["decoupled"]) for a in ("--strategy", s)]
+    # A fresh run every time: an earlier run's registry is pinned to the backbone it was trained on.
+    shutil.rmtree(out / "run", ignore_errors=True)
     subprocess.run([*strata, "run", "--data", str(data), "--tasks", str(len(TASKS)), *strategies, "--gate", "report",
                     "--out", str(out / "run"), *rest], check=True)
 
