@@ -186,7 +186,7 @@ def test_backbone_build_refuses_an_unknown_name_and_builds_a_known_one_into_the_
     from strata.backbone import tiny
 
     small = dataclasses.replace(tiny.RECIPES["builtin:test"], corpus_size=64, vision_steps=4, vision_batch_size=8,
-                                steps=6, batch_size=4)
+                                steps=6, binding_steps=6, batch_size=4)
     monkeypatch.setitem(tiny.RECIPES, "builtin:small", small)
     monkeypatch.setenv("STRATA_CACHE", str(tmp_path))
     result = invoke("backbone", "build", "builtin:small")

@@ -8,7 +8,7 @@ from pathlib import Path
 from strata.backbone import tiny
 
 SMALL = dataclasses.replace(tiny.RECIPES["builtin:test"], corpus_size=64, vision_steps=4, vision_batch_size=8, steps=6,
-                            batch_size=4)
+                            binding_steps=6, batch_size=4)
 
 
 def test_the_same_recipe_builds_the_same_backbone(tmp_path: Path) -> None:

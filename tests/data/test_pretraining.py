@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from strata.backbone.tiny import TinyRecipe, build_processor, tokenizer_text
 from strata.data import pretraining
 from strata.data.benchmark import TASKS, generate_task
-from strata.data.scenes import Obj, Scene
+from strata.data.scenes import Obj, Scene, near_misses
 
 
 def words(text: str) -> set[str]:
@@ -84,7 +84,7 @@ def test_a_glyph_is_one_character_of_many_sizes_and_its_label() -> None:
 
 def test_a_near_miss_shares_one_attribute_with_a_drawn_object_and_is_not_drawn() -> None:
     scene = Scene((Obj("red", "circle", "small", 0, 0), Obj("blue", "square", "large", 1, 1)))
-    near = pretraining.near_misses(scene)
+    near = near_misses(scene)
     assert ("red", "square") in near and ("blue", "circle") in near and ("red", "triangle") in near
     assert ("red", "circle") not in near and ("blue", "square") not in near
     assert all(c in ("red", "blue") or s in ("circle", "square") for c, s in near)
@@ -97,7 +97,7 @@ def test_the_binding_stage_asks_about_one_object_among_several() -> None:
     prompts = [p for _, p, _ in rows]
     for start in ("Where is the ", "What colour is the ", "What shape is the ", "Can you see a "):
         assert any(p.startswith(start) for p in prompts), start
-    # The named attribute is unique in the scene, so the answer names exactly one object.
+    # The answer is about the object the question names.
     for _, prompt, answer in rows:
         if prompt.startswith("What colour is the "):
             shape = prompt.removeprefix("What colour is the ").removesuffix("?")

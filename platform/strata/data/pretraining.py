@@ -101,7 +101,7 @@ def _where(rng: random.Random, size: int) -> Row:
     return _scene_row(rng, scene, size, f"Where is the {obj.kind}?", f"the {obj.kind} is at the {obj.location}.")
 
 
-def _unique(rng: random.Random, size: int, key: str) -> tuple[Scene, Obj]:
+def _unique(rng: random.Random, key: str) -> tuple[Scene, Obj]:
     """A scene of 2-4 objects and one of them whose `key` (colour or shape) no other object has."""
     while True:
         scene = random_scene(rng, rng.randint(2, 4), distinct_kinds=True)
@@ -112,12 +112,12 @@ def _unique(rng: random.Random, size: int, key: str) -> tuple[Scene, Obj]:
 
 
 def _colour_of(rng: random.Random, size: int) -> Row:
-    scene, obj = _unique(rng, size, "shape")
+    scene, obj = _unique(rng, "shape")
     return _scene_row(rng, scene, size, f"What colour is the {obj.shape}?", f"the {obj.shape} is {obj.colour}.")
 
 
 def _shape_of(rng: random.Random, size: int) -> Row:
-    scene, obj = _unique(rng, size, "colour")
+    scene, obj = _unique(rng, "colour")
     return _scene_row(rng, scene, size, f"What shape is the {obj.colour} object?",
                       f"the {obj.colour} object is a {obj.shape}.")
 
