@@ -17,12 +17,24 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from strata.atomic import write_file
+from strata.backbone.features import FEATURE_PARTS
 
 ROUTER_FILE = "router.safetensors"
 SHRINKAGE = 0.1  # blend of the covariance toward a scaled identity, so it stays invertible
 # A row whose distance to its nearest prototype is over 4× what that task's own rows average is far
 # from every task the router knows: it still goes to the nearest adapter, flagged.
 LOW_CONFIDENCE = 4.0
+
+
+def _block_diagonal(dim: int) -> torch.Tensor:
+    """A (dim, dim) mask that keeps the covariance within each of the FEATURE_PARTS parts of a feature.
+
+    With one full covariance, a task whose pictures vary a lot (1 to 5 objects for `count`) lends
+    that spread to every direction it correlates with, and its one-object rows drift to `colour`.
+    Taken part by part, the question part alone keeps them apart.
+    """
+    part = torch.arange(dim) * FEATURE_PARTS // dim
+    return (part[:, None] == part[None]).float()
 
 
 @dataclass(frozen=True)
@@ -99,8 +111,15 @@ class PrototypeRouter:
         if not self.names:
             raise RuntimeError("the router has no tasks yet")
         d = feats.shape[1]
+        if d != self.means.shape[1]:
+            raise ValueError(f"the router's prototypes of {self.names} have {self.means.shape[1]} dims but the rows' "
+                             f"features have {d}: they were saved by an older Strata; train those tasks again")
         cov = self.scatters.sum(0) / max(float(self.counts.sum()) - len(self.names), 1.0)
-        precision = torch.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * cov.trace() / d * torch.eye(d))
+        blocks = _block_diagonal(d)
+        cov = cov * blocks
+        # Each part shrinks toward its own mean variance: the parts' scales differ several-fold.
+        scale = (blocks @ cov.diagonal()) / blocks.sum(1)
+        precision = torch.linalg.inv((1 - SHRINKAGE) * cov + SHRINKAGE * torch.diag(scale))
         diff = feats[:, None, :] - self.means[None]  # (N, tasks, D)
         dist = torch.einsum("ntd,de,nte->nt", diff, precision, diff)
         # A task's own rows sit at trace(Σ_task · Σ⁻¹) on average: the yardstick for "far".

@@ -6,11 +6,12 @@ import shutil
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
 from strata.adapters.lora import add_adapter
-from strata.backbone.features import pooled_features
+from strata.backbone.features import FEATURE_PARTS, pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.backbone.tiny import ensure_builtin
 from strata.config import AdapterSpec, BackboneSpec
@@ -65,20 +66,31 @@ def rows():
     return generate_task("colour", 0, n_train=5, n_val=0, n_test=0)
 
 
-def test_pooled_features_shape_and_unit_norm_halves(backbone, rows) -> None:
+def test_pooled_features_shape_and_unit_norm_parts(backbone, rows) -> None:
     model, processor = backbone
     enc = encode_table(processor, rows, with_answers=False)
     feats = pooled_features(model, processor, enc)
     hidden = model.config.text_config.hidden_size
-    assert feats.shape == (5, 2 * hidden)
-    image, text = feats[:, :hidden], feats[:, hidden:]
-    torch.testing.assert_close(image.norm(dim=-1), torch.ones(5))
-    torch.testing.assert_close(text.norm(dim=-1), torch.ones(5))
+    assert feats.shape == (5, FEATURE_PARTS * hidden)
+    for part in feats.split(hidden, dim=1):  # image, text in context, text alone
+        torch.testing.assert_close(part.norm(dim=-1), torch.ones(5))
     # Batching only changes how rows are grouped, not the features.
     torch.testing.assert_close(pooled_features(model, processor, enc, batch_size=2), feats)
     # Answer tokens are left out: rows encoded with answers (the gate's anchor) route like prompts.
     torch.testing.assert_close(pooled_features(model, processor, encode_table(processor, rows, with_answers=True)),
                                feats)
+
+
+def test_the_text_alone_part_reads_the_words_not_the_image(backbone) -> None:
+    model, processor = backbone
+    rows = generate_task("count", 0, n_train=6, n_val=0, n_test=0)
+    prompts = rows.column("prompt").to_pylist()
+    same = rows.set_column(rows.column_names.index("prompt"), "prompt", pa.array([prompts[0]] * 6))
+    feats = pooled_features(model, processor, encode_table(processor, same, with_answers=False))
+    image, in_context, alone = feats.split(model.config.text_config.hidden_size, dim=1)
+    assert not torch.allclose(image[0], image[1])  # different pictures...
+    assert not torch.allclose(in_context[0], in_context[1])  # ...seen by the question's states in context
+    torch.testing.assert_close(alone, alone[:1].expand_as(alone), atol=1e-5, rtol=0)  # one prompt, one feature
 
 
 def test_pooled_features_ignore_adapters(backbone, rows) -> None:

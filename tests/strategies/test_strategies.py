@@ -269,6 +269,11 @@ def test_router_of_and_merge_combine_tasks_the_later_entry_winning() -> None:
     assert PrototypeRouter.merge([]).names == []
 
 
+def test_router_refuses_features_of_another_size() -> None:
+    with pytest.raises(ValueError, match=r"prototypes of \['a', 'b', 'c'\] have 8 dims but the rows' features have 6"):
+        fitted_router().route(torch.zeros(2, 6))
+
+
 def test_empty_router_raises(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="no tasks"):
         PrototypeRouter().route(torch.zeros(2, 8))
