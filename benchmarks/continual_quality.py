@@ -5,13 +5,18 @@
     .venv/bin/python benchmarks/continual_quality.py --smoke-test         # plumbing only, ~2 min
 
 Suites (each row is one strategy configuration; every run goes through `strata.pipeline.run`):
-  main      every strategy on the first --main-tasks tasks of the stream (default 4)
+  main      every strategy on the first --main-tasks tasks of the stream (default all 8)
   dgg       DGG full / no Bernoulli / no scaling / g-hat only, replay only, and an alpha sweep; 4 tasks
   cma       CMA with and without expert freezing; 4 tasks
+  mode      MoDE, MoDE without KD, the coupled MoE-LoRA, and SeqLoRA on the LM only (MoDE's placement); 4 tasks
+  ewc       EWC's lambda swept over four decades; 4 tasks
   conflict  MoDE vs the modality-coupled MoE-LoRA: cosine of grad L_text and grad L_image
 
-Resumable: each (configuration, seed) runs in its own Python process (so its peak RSS is its own),
-writes <results>/runs/<suite>/<label>/seed<k>.json, and is skipped when that file exists. Training
+Training uses the run defaults (`train.steps` is a cap; early stopping on the task's val rows)
+unless --steps is given. Resumable: each (configuration, seed) runs in its own Python process (so
+its peak RSS is its own), writes <results>/runs/<suite>/<label>/seed<k>.json, and is skipped when
+that file holds a run of the same configuration on the same backbone build (a row from an older
+recipe or other options is run again; delete a row to rerun it after a code change). Training
 runs in that process (`train.executor=local`: the same loop, without Ray Train's fixed cost per
 task). Extra memory is a run's peak RSS minus SeqLoRA's on the same seed and stream length. The summary goes to <results>/continual_quality.json, a
 plot next to it, and a markdown table between the markers in BENCHMARKS.md.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import resource
 import shlex
 import statistics
@@ -31,19 +37,28 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from strata.atomic import write_text
-from strata.config import BackboneSpec, GateConfig, RunConfig, TrainConfig
+from strata.backbone.load import load_backbone, resolve
+from strata.config import AdapterSpec, BackboneSpec, GateConfig, RunConfig, TrainConfig
+from strata.data import pretraining
+from strata.data.benchmark import TASKS
+from strata.data.collate import encode_table
+from strata.generation import generate
+from strata.hooks import TaskContext
 from strata.pipeline import run as run_pipeline
-from strata.strategies import options_for
+from strata.strategies import make_strategy, options_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ("seqlora", "replay", "ewc", "lwf", "dgg", "mode", "cma", "decoupled", "multitask")
 METRICS = ("faa", "mfn", "maa", "bwt", "forgetting")
 BEGIN, END = "<!-- continual_quality:begin -->", "<!-- continual_quality:end -->"
+CONFLICT_STEPS = 20  # training steps before the gradient-conflict probe measures
+CAPTION_ROWS = 100  # held-out pretraining captions scored after each task (the mode suite)
 
 
 def suites(main_tasks: int) -> dict[str, list[tuple[str, int, dict]]]:
@@ -65,6 +80,15 @@ def suites(main_tasks: int) -> dict[str, list[tuple[str, int, dict]]]:
         + [("replay-only", 4, {"strategies": ("replay",)})],
         "cma": [("cma-freeze", 4, {"strategies": ("cma",), "options": {"cma": {}}}),
                 ("cma-no-freeze", 4, {"strategies": ("cma",), "options": {"cma": {"freeze": False}}})],
+        # Each also scores held-out pretraining captions after every task: what MoDE's KD protects.
+        "mode": [(label, 4, {**o, "captions": True}) for label, o in (
+            ("mode", {"strategies": ("mode",)}),
+            ("mode-no-kd", {"strategies": ("mode",), "options": {"mode": {"kd_weight": 0.0}}}),
+            ("moe-lora-coupled", {"strategies": ("mode",), "options": {"mode": {"coupled": True}}}),
+            ("seqlora", {"strategies": ("seqlora",)}),
+            ("seqlora-lm-only", {"strategies": ("seqlora",), "adapter": AdapterSpec(visual_rank=0)}))],
+        "ewc": [(f"ewc-{weight:g}", 4, {"strategies": ("ewc",), "options": {"ewc": {"weight": weight}}})
+                for weight in (1e2, 1e3, 1e4, 1e5)],
     }
 
 
@@ -72,7 +96,7 @@ def with_overrides(base: RunConfig, overrides: dict, **fields) -> RunConfig:
     """`base` with a suite entry's overrides: plain fields replaced, strategy options changed field by field."""
     changes = overrides.get("options", {})
     options = {**base.options, **{name: replace(options_for(base, name), **values) for name, values in changes.items()}}
-    plain = {k: v for k, v in overrides.items() if k != "options"}
+    plain = {k: v for k, v in overrides.items() if k not in ("options", "captions")}
     return replace(base, options=options, **plain, **fields)
 
 
@@ -88,6 +112,14 @@ def copy_of_main(results: Path, label: str, tasks: int, seed: int) -> dict | Non
         return None
     row = json.loads(source.read_text())
     return {**row, "label": label, "copied_from": f"main/{row['label']}"} if len(row["tasks"]) == tasks else None
+
+
+def current(path: Path, wanted: dict[str, str]) -> bool:
+    """Whether `path` holds a finished run of exactly this configuration on this backbone build."""
+    if not path.exists():
+        return False
+    row = json.loads(path.read_text())
+    return all(row.get(k) == v for k, v in wanted.items())
 
 
 def state_kb(state: Path) -> float:
@@ -107,14 +139,60 @@ def dir_kb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1024 if path.exists() else 0.0
 
 
+def run_config(base: RunConfig, overrides: dict, tasks: int, seed: int, out: Path) -> RunConfig:
+    """The run config of one (configuration, seed)."""
+    return with_overrides(base, overrides, tasks=tasks, seed=seed, out=str(out), train=replace(base.train, seed=seed))
+
+
+def identity(cfg: RunConfig) -> dict[str, str]:
+    """What makes a stored row reusable: the config (wherever it ran) and the backbone build."""
+    return {"config_key": replace(cfg, out="-").hash(), "backbone_build": resolve(cfg.backbone).name}
+
+
+def dgg_steps(state: Path) -> dict[str, dict]:
+    """DGG's per-step figures, summarised per task: mean ‖θ−θ*‖ and ‖∇L‖, steps injected and rescaled."""
+    out = {}
+    for path in sorted((state / "dgg_steps").glob("*.json")):
+        t = json.loads(path.read_text())
+        out[path.stem] = {"steps": len(t["step"]), "injected": sum(t["injected"]), "scaled": sum(t["scaled"]),
+                          "d_norm_mean": statistics.fmean(t["d_norm"]), "d_norm_last": t["d_norm"][-1],
+                          "grad_norm_mean": statistics.fmean(t["grad_norm"])}
+    return out
+
+
+def caption_rows(rows: int) -> pa.Table:
+    """Held-out rows of the pretraining mixture's caption kind (a seed stream the corpus never used)."""
+    rng = random.Random("held-out captions")
+    drawn = [pretraining.KINDS["caption"](rng, 48) for _ in range(rows)]
+    return pa.table({"image": [r[0] for r in drawn], "prompt": [r[1] for r in drawn], "answer": [r[2] for r in drawn]})
+
+
+def caption_score(cfg: RunConfig, name: str, state: Path, task_index: int | None, rows: pa.Table) -> float:
+    """Exact-match % of greedy captions with the adapter as it stands after task `task_index` (None: the bare backbone)."""
+    model, processor = load_backbone(cfg.backbone)
+    if task_index is not None:
+        tasks = TASKS[: cfg.tasks]
+        ctx = TaskContext(task_index, tasks[task_index], tuple(tasks[:task_index]), {}, str(state), cfg.seed)
+        model = make_strategy(name, cfg).load_eval(model, ctx)
+    said = generate(model, processor, encode_table(processor, rows, with_answers=False), 40)
+    return 100.0 * sum(g.text == a for g, a in zip(said, rows["answer"].to_pylist())) / len(rows)
+
+
 def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int, work: Path) -> dict:
     """One strategy configuration on one seed: the pipeline's metrics plus cost columns."""
     out = work / f"{label}-seed{seed}"
-    cfg = with_overrides(base, overrides, tasks=tasks, seed=seed, out=str(out), train=replace(base.train, seed=seed))
-    started = time.time()
-    results = run_pipeline(cfg, Console(quiet=True))
-    wall = time.time() - started
+    cfg = run_config(base, overrides, tasks, seed, out)
     (name,) = cfg.strategies
+    captions: list[float] = []
+    on_task = None
+    if overrides.get("captions"):
+        rows = caption_rows(CAPTION_ROWS)
+        captions.append(caption_score(cfg, name, out / name / "state", None, rows))
+        def on_task(_: str, t: int, __: dict) -> None:
+            captions.append(caption_score(cfg, name, out / name / "state", t, rows))
+    started = time.time()
+    results = run_pipeline(cfg, Console(quiet=True), on_task=on_task)
+    wall = time.time() - started
     m = results[name]
     state = out / name / "state"
     return {
@@ -126,7 +204,11 @@ def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int,
         "wall_seconds": wall,
         "adapter_kb": dir_kb(state / "adapters"),
         "extra_state_kb": state_kb(state),
-        "config_hash": cfg.hash(),
+        **identity(cfg),
+        "baselines": m.get("baselines", {}),
+        "stopped_at": [t.get("step") for t in m["training"]],
+        **({"dgg_steps": dgg_steps(state)} if name == "dgg" else {}),
+        **({"captions": captions} if captions else {}),  # before any task, then after each
         # Linux reports ru_maxrss in KiB; this process ran nothing but this one configuration.
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -191,11 +273,58 @@ HEADERS = ["suite", "configuration", "tasks", "seeds", *(h for h, _ in COLUMNS),
            "state on disk KB", "peak RSS vs SeqLoRA MB", "wall s"]
 
 
-def markdown(summary: dict, command: str, conflict: list[str]) -> str:
-    """The BENCHMARKS.md block: the command, the quality table and the conflict table."""
-    lines = [BEGIN, f"Command: `{command}`", "", "| " + " | ".join(HEADERS) + " |",
+def per_task(raw: dict) -> list[list[str]]:
+    """Main suite, one row per task: both baselines, the accuracy learned alone (Decoupled's diagonal)
+    and each strategy's accuracy at the end of the stream, means over seeds."""
+    main = raw.get("main", {})
+    if not main:
+        return []
+    tasks = max((r["tasks"] for rows in main.values() for r in rows), key=len)
+    full = {s: [r for r in rows if r["tasks"] == tasks] for s, rows in main.items()}
+    full = {s: rows for s, rows in full.items() if rows}
+    def mean(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.1f}" if values else "—"
+    any_rows = [r for rows in full.values() for r in rows]
+    out = []
+    for i, task in enumerate(tasks):
+        base = [r["baselines"][task] for r in any_rows if task in r.get("baselines", {})]
+        alone = [r["accuracy_matrix"][i][i] for r in full.get("decoupled", [])]
+        out.append([task, mean([b["constant"] for b in base if b["constant"] is not None]),
+                    mean([b["pixels"] for b in base if b["pixels"] is not None]), mean(alone),
+                    *(mean([r["accuracy_matrix"][-1][i] for r in rows]) for rows in full.values())])
+    return [["task", "constant answer", "pixels (logistic regression)", "learned alone (Decoupled diagonal)",
+             *(f"{s} at the end" for s in full)], *out]
+
+
+def caption_table(raw: dict) -> list[list[str]]:
+    """Mode suite: held-out caption exact match before any task and after each, beside FAA (means over seeds)."""
+    runs = {label: rows for label, rows in raw.get("mode", {}).items() if all("captions" in r for r in rows)}
+    if not runs:
+        return []
+    width = max(len(r["captions"]) for rows in runs.values() for r in rows)
+    out = [["configuration", "backbone alone", *(f"after task {t}" for t in range(1, width)), "FAA"]]
+    for label, rows in runs.items():
+        cells = [statistics.fmean(r["captions"][i] for r in rows if len(r["captions"]) > i) for i in range(width)]
+        out.append([label, *(f"{c:.1f}" for c in cells), f"{statistics.fmean(r['faa'] for r in rows):.1f}"])
+    return out
+
+
+def md_table(rows: list[list[str]]) -> list[str]:
+    """Markdown lines of a table whose first row is the header."""
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]), *("| " + " | ".join(r) + " |" for r in rows[1:])]
+
+
+def markdown(summary: dict, raw: dict, command: str, conflict: list[str], hours: float) -> str:
+    """The BENCHMARKS.md block: the command, the quality table, the per-task table and the conflict table."""
+    lines = [BEGIN, f"Command: `{command}` ({hours:.1f} h of compute over the runs in the table)", "",
+             "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(summary)]
+    if rows := per_task(raw):
+        lines += ["", "Per task, main suite (mean over seeds):", "", *md_table(rows)]
+    if rows := caption_table(raw):
+        title = f"Held-out pretraining captions, exact match % on {CAPTION_ROWS} rows (mode suite, mean over seeds):"
+        lines += ["", title, "", *md_table(rows)]
     return "\n".join([*lines, *conflict, END])
 
 
@@ -280,10 +409,10 @@ def conflict_markdown(mean: dict) -> list[str]:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", action="append", choices=("main", "dgg", "cma", "conflict"))
+    p.add_argument("--suite", action="append", choices=("main", "dgg", "cma", "mode", "ewc", "conflict"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--main-tasks", type=int, default=4)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--main-tasks", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="a fixed step count (default: the run's cap and early stop)")
     p.add_argument("--test-rows", type=int, default=500)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "continual_quality")
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md")
@@ -296,9 +425,11 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, dict]:
     """The base run config and the plan of suites for these arguments."""
     backbone = BackboneSpec("builtin:test" if args.smoke_test else "builtin:tiny")
     steps, test_rows = (4, 16) if args.smoke_test else (args.steps, args.test_rows)
+    # A fixed step count trains every task that long; by default the cap and early stop of a run apply.
+    train = TrainConfig(executor="local") if steps is None else TrainConfig(steps=steps, val_every=0, executor="local")
     # Report mode: the benchmark measures each strategy's raw forgetting, so no candidate is held back.
     base = RunConfig(strategies=("seqlora",), backbone=backbone, n_test=test_rows, gate=GateConfig(mode="report"),
-                     train=TrainConfig(steps=steps, executor="local"))
+                     train=train)
     if args.smoke_test:
         small = {"replay": {"per_task": 8}, "dgg": {"per_task": 8}, "cma": {"memory": 8, "memory_batch": 4},
                  "mode": {"reference_rows": 16, "kd_batch": 4}}
@@ -327,17 +458,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         return run_child(args, base, plan)
     console = Console()
-    chosen = args.suite or ["main", "dgg", "cma", "conflict"]
+    chosen = args.suite or ["main", "dgg", "cma", "mode", "ewc", "conflict"]
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/continual_quality.py", *argv])
 
     raw: dict[str, dict[str, list[dict]]] = {}
     for suite in [s for s in chosen if s in plan]:
-        for label, tasks, _ in plan[suite]:
+        for label, tasks, overrides in plan[suite]:
             for seed in args.seeds:
                 path = args.results / "runs" / suite / label / f"seed{seed}.json"
-                if not path.exists() and (row := copy_of_main(args.results, label, tasks, seed)) is not None:
+                wanted = identity(run_config(base, overrides, tasks, seed, Path("-")))
+                if not current(path, wanted) and (row := copy_of_main(args.results, label, tasks, seed)) is not None:
                     write_text(path, json.dumps(row, indent=2))
-                if not path.exists():
+                if not current(path, wanted):
                     console.log(f"{suite}/{label} seed {seed}: {tasks} tasks …")
                     child = [sys.executable, __file__, *argv, "--one", suite, label, str(seed)]
                     if subprocess.run(child).returncode != 0:
@@ -355,16 +487,28 @@ def main(argv: list[str] | None = None) -> None:
     for row in table_rows(summary):
         table.add_row(*row)
     console.print(table)
+    for title, rows in (("per task, main suite (mean over seeds)", per_task(raw)),
+                        ("held-out caption exact match %, mode suite", caption_table(raw))):
+        if rows:
+            extra = Table(title=title)
+            for h in rows[0]:
+                extra.add_column(h, justify="right")
+            for row in rows[1:]:
+                extra.add_row(*row)
+            console.print(extra)
 
     conflict, lines = {}, []
     if "conflict" in chosen:
         from strata.eval.conflict import conflict_table
 
-        conflict = run_conflict(base, args.seeds, args.results, base.train.steps // 5 or 1, console)
+        conflict = run_conflict(base, args.seeds, args.results, 1 if args.smoke_test else CONFLICT_STEPS, console)
         mean = mean_conflict(conflict)
         console.print(conflict_table(mean))
         lines = conflict_markdown(mean)
-    report = {"command": command, "machine": {"platform": platform.platform(), "torch": torch.__version__},
+    compute = sum(r["wall_seconds"] for configs in raw.values() for rows in configs.values() for r in rows
+                  if "copied_from" not in r)
+    console.print(f"compute: {compute / 3600:.2f} h of runs in the table (each run's own wall clock)")
+    report = {"command": command, "compute_hours": compute / 3600, "machine": {"platform": platform.platform(), "torch": torch.__version__},
               "config": {"backbone": base.backbone.source, "steps": base.train.steps, "test_rows": base.n_test,
                          "seeds": args.seeds},
               "summary": summary, "runs": raw, "conflict": conflict}
@@ -372,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     if summary:
         plot(summary, args.results / "continual_quality.png")
     if not args.smoke_test and (summary or lines):
-        update_benchmarks_md(args.benchmarks_md, markdown(summary, command, lines))
+        update_benchmarks_md(args.benchmarks_md, markdown(summary, raw, command, lines, compute / 3600))
     console.print(f"results in {args.results}")
 
 

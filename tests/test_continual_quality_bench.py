@@ -35,3 +35,11 @@ def test_smoke_run_summarises_and_resumes(tmp_path: Path) -> None:
     # Every (configuration, seed) was already done: nothing reruns, nothing is rewritten.
     assert {p: p.stat().st_mtime_ns for p in (results / "runs").rglob("*.json")} == runs
     assert json.loads((results / "continual_quality.json").read_text())["summary"] == report["summary"]
+    # A row of another configuration (or an older backbone build) is run again.
+    stale = results / "runs" / "cma" / "cma-freeze" / "seed0.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "config_key": "older"}))
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads(stale.read_text())["config_key"] != "older"
+    assert {p: p.stat().st_mtime_ns for p in (results / "runs").rglob("*.json") if p != stale} == \
+        {p: t for p, t in runs.items() if p != stale}

@@ -18,9 +18,11 @@ from reporting import Collector
 from strata.adapters import cross_modal_moe as cma
 from strata.adapters.custom import adapter_parameters, read_side
 from strata.adapters.lora import trainable_parameters
+from strata.backbone.features import modality_masks
 from strata.backbone.load import load_backbone
 from strata.config import RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
+from strata.data.collate import collate, encode_table
 from strata.data.replay import ReplayBuffer
 from strata.hooks import TaskContext
 from strata.strategies import make_strategy
@@ -51,19 +53,30 @@ def ctx(index: int, name: str, state: Path, seen: tuple[str, ...] = ()) -> TaskC
 
 # ---- freeze rule ---------------------------------------------------------------------------------
 
-def test_update_masks_freezes_busy_experts_and_keeps_earlier_freezes() -> None:
-    # Shares 0.5, 0.3, 0.1, 0.1, 0.0: only strictly above 0.1 freezes.
-    first = update_masks({"L": torch.tensor([50.0, 30.0, 10.0, 10.0, 0.0])}, {}, 0.1, enabled=True)
-    assert first == {"L": [True, True, False, False, False]}
-    # A later task that uses other experts adds to the frozen set; nothing ever thaws.
-    second = update_masks({"L": torch.tensor([0.0, 0.0, 1.0, 0.0, 9.0])}, first, 0.1, enabled=True)
-    assert second == {"L": [True, True, False, False, True]}
-    assert first == {"L": [True, True, False, False, False]}  # the input is not modified
+def test_update_masks_freezes_the_busiest_few_up_to_a_cap_and_keeps_earlier_freezes() -> None:
+    opts = CMAConfig(experts=6, freeze_threshold=0.1, freeze_top=2, freeze_cap=0.5)
+    # Shares 0.4, 0.3, 0.2, 0.1, 0, 0: three are over 0.1, only the busiest two freeze.
+    first = update_masks({"L": torch.tensor([40.0, 30.0, 20.0, 10.0, 0.0, 0.0])}, {}, opts)
+    assert first == {"L": [True, True, False, False, False, False]}
+    # The next task's busiest is already frozen: the next busy ones freeze, up to the cap of 3 of 6.
+    second = update_masks({"L": torch.tensor([50.0, 0.0, 0.0, 25.0, 25.0, 0.0])}, first, opts)
+    assert second == {"L": [True, True, False, True, False, False]}
+    assert first == {"L": [True, True, False, False, False, False]}  # the input is not modified
+    # At the cap nothing more freezes, and nothing ever thaws.
+    assert update_masks({"L": torch.tensor([0.0, 0.0, 50.0, 0.0, 0.0, 50.0])}, second, opts) == second
+    # Only shares strictly above the threshold freeze: an even spread over all six freezes none.
+    assert update_masks({"L": torch.ones(6)}, {}, replace(opts, freeze_threshold=1 / 6 + 1e-9)) == {"L": [False] * 6}
     # The no-freezing ablation never freezes, but keeps what an earlier run froze.
-    assert update_masks({"L": torch.tensor([9.0, 1.0, 0.0, 0.0, 0.0])}, {}, 0.1, enabled=False) == \
-        {"L": [False] * 5}
+    assert update_masks({"L": torch.tensor([9.0, 1.0, 0, 0, 0, 0])}, first, replace(opts, freeze=False)) == first
     with pytest.raises(ValueError, match="freeze mask of 4"):
-        update_masks({"L": torch.ones(5)}, {"L": [False] * 4}, 0.1, enabled=True)
+        update_masks({"L": torch.ones(5)}, {"L": [False] * 4}, opts)
+
+
+def test_freeze_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="cma.freeze_top must be >= 0"):
+        CMAConfig(freeze_top=-1)
+    with pytest.raises(ValueError, match="cma.freeze_cap"):
+        CMAConfig(freeze_cap=1.5)
 
 
 # ---- loss terms ----------------------------------------------------------------------------------
@@ -126,13 +139,22 @@ def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec
     first = train_task(model, processor, strategy, c0, rows["colour"], TRAIN, Collector(install_to=shared))
     assert "cma/loss/distill" not in first and "cma/loss/preserve" not in first  # no previous model at t=0
     assert math.isfinite(first["cma/loss/align"]) and first["cma/frozen_experts"] == 0
+    # Usage counts text tokens only: every task's pictures look alike to the gate.
+    model.train()
+    for layer in cma.moe_layers(model).values():
+        layer.counts.zero_()
+    batch = collate(encode_table(processor, rows["colour"].slice(0, 3), with_answers=True),
+                    processor.tokenizer.pad_token_id)
+    strategy.loss(model, batch, model(**batch, output_hidden_states=True), step=0)
+    image, text = modality_masks(model, batch)
+    assert image.any() and all(layer.counts.sum() == OPTS.top_k * text.sum()
+                               for layer in cma.moe_layers(model).values())
     strategy.after_task(c0, rows["colour"])
 
     masks = read_masks(state)
     counts = cma.read_counts(shared)
     assert set(masks) == set(counts) == {"model.language_model.layers.0", "model.language_model.layers.1"}
-    for layer, c in counts.items():
-        assert masks[layer] == (cma.shares(c) > OPTS.freeze_threshold).tolist()
+    assert masks == update_masks(counts, {}, OPTS)
     frozen = [(layer, e) for layer, mask in masks.items() for e, f in enumerate(mask) if f]
     free = [(layer, e) for layer, mask in masks.items() for e, f in enumerate(mask) if not f]
     assert frozen and free  # top-2 of 6 experts: some are busy, some are not
@@ -162,6 +184,12 @@ def test_frozen_experts_leave_the_optimizer_and_stay_bitwise_unchanged(test_spec
     for layer, e in frozen:
         old, new = expert_weights(after_task0, layer, e), expert_weights(after_task1, layer, e)
         assert old and all(torch.equal(old[k], new[k]) for k in old), (layer, e)
+    # Their gate rows are pinned too (AdamW's weight decay is on), so old tokens keep their routes.
+    for layer, mask in masks.items():
+        rows_before, rows_after = after_task0[f"{layer}.gate.weight"], after_task1[f"{layer}.gate.weight"]
+        frozen_rows = torch.tensor(mask)
+        assert torch.equal(rows_before[frozen_rows], rows_after[frozen_rows]), layer
+        assert not torch.equal(rows_before[~frozen_rows], rows_after[~frozen_rows]), layer
     changed = [(layer, e) for layer, e in free
                if any(not torch.equal(v, after_task1[k]) for k, v in expert_weights(after_task0, layer, e).items())]
     assert changed

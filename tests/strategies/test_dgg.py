@@ -3,6 +3,7 @@ ablation switches, and a real two-task run in which the guidance pulls the adapt
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from strata.config import AdapterSpec, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.grads import Grads
 from strata.hooks import TaskContext
-from strata.strategies.dgg import DGG, DGGConfig
+from strata.strategies.dgg import DGG, STEPS, DGGConfig
 from strata.train.loop import train_task
 
 LORA = AdapterSpec(visual_rank=4, text_rank=4)
@@ -88,7 +89,32 @@ def test_grads_unchanged_without_injection(index: int, alpha: float, tmp_path: P
     model = toy(dgg, index, tmp_path, grad=0.5)
     step(dgg, model, n=20)
     assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
-    assert dgg.metrics() == {"dgg/injection_rate": 0.0, "dgg/d_norm": 0.0, "dgg/grad_norm": 0.0}
+    assert dgg.metrics()["dgg/injection_rate"] == 0.0 and dgg.metrics()["dgg/scaled_rate"] == 0.0
+    # The norms are traced on every step that has a θ*, injected or not.
+    assert len(dgg.trace) == (20 if index > 0 else 0)
+    assert all(not injected and d == pytest.approx(math.sqrt(14)) for _, d, _, injected, _ in dgg.trace)
+
+
+def test_every_step_is_traced_and_written_per_task(tmp_path: Path) -> None:
+    dgg = DGG(opts=DGGConfig(alpha=0.5))
+    model = toy(dgg, 1, tmp_path, grad=0.5)  # ‖θ − θ*‖ = √14 > ‖∇L‖ = √2: every injection is rescaled
+    for i in range(40):
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.5)  # a fresh backward each step
+        dgg.after_backward(model, Grads(list(model.parameters())), i + 1)
+    dgg.finish_task(model, None, ctx(1, tmp_path, name="shape"), pa.table({}), tmp_path / "out")
+    written = json.loads((tmp_path / "out" / STEPS / "shape.json").read_text())
+    assert written["step"] == list(range(1, 41))
+    assert written["injected"] == written["scaled"]
+    assert 5 < sum(written["injected"]) < 35 and sum(written["injected"]) == dgg.injected
+    assert dgg.metrics()["dgg/scaled_rate"] == 1.0
+    assert all(g == pytest.approx(math.sqrt(8 * 0.25)) for g in written["grad_norm"])
+    # ‖θ − θ*‖ is read before each step's edit: θ itself only moves in the optimizer (not run here).
+    assert all(d == pytest.approx(math.sqrt(14)) for d in written["d_norm"])
+    # A resumed worker continues the trace where the checkpoint left it.
+    again = DGG(opts=DGGConfig(alpha=0.5))
+    again.load_train_state(dgg.train_state())
+    assert again.trace == dgg.trace
 
 
 @pytest.mark.parametrize("alpha", [0.2, 0.05])

@@ -8,7 +8,8 @@ out of the optimizer). The last wrapped block also owns the small joint-represen
 (per-modality projections + fusion) that the CMA alignment and preservation losses use.
 
 Usage counting: a block sees no padding mask (only the 4-D attention mask), so in training mode each
-layer keeps its last top-k choices and `record_usage` counts them over the real tokens of the batch.
+layer keeps its last top-k choices and `record_usage` counts them over the positions the caller
+names (CMA: the text tokens). Freezing an expert also pins its gate row (`CrossModalMoE.gate_weight`).
 """
 
 from __future__ import annotations
@@ -75,10 +76,31 @@ class CrossModalMoE(custom.StrataLayer):
         # Top-k selections per expert over the task so far (saved with the adapter, not a weight).
         self.register_buffer("counts", torch.zeros(experts, dtype=torch.float64, device=ref.device), persistent=False)
         self.last_choice: torch.Tensor | None = None  # (B, L, k) expert ids of the last training forward
+        # The frozen experts' ids and gate rows as they were at freezing: buffers, so they follow .to().
+        self.register_buffer("frozen_ids", None, persistent=False)
+        self.register_buffer("pinned", None, persistent=False)
+
+    def freeze(self, mask: list[bool]) -> None:
+        """Freeze the marked experts and pin their gate rows, so old tasks' tokens keep their routes."""
+        for expert, is_frozen in zip(self.experts, mask):
+            if is_frozen:
+                expert.requires_grad_(False)
+        ids = [e for e, is_frozen in enumerate(mask) if is_frozen]
+        self.frozen_ids = torch.tensor(ids, device=self.gate.weight.device) if ids else None
+        self.pinned = self.gate.weight.detach()[ids].clone() if ids else None
+
+    def gate_weight(self) -> torch.Tensor:
+        """The gate's weight with the pinned rows in place (out of place, so they get no gradient).
+
+        The gate trains as a whole and AdamW's weight decay moves rows whose gradient is zero, so the
+        parameter's frozen rows may drift; these pinned values are the ones used and saved.
+        """
+        weight = self.gate.weight
+        return weight if self.pinned is None else weight.index_put((self.frozen_ids,), self.pinned)
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token gate: (N, D) -> weights (N, k) (softmax over the k chosen) and expert ids (N, k)."""
-        top, idx = self.gate(h).topk(self.top_k, dim=-1)
+        top, idx = F.linear(h, self.gate_weight()).topk(self.top_k, dim=-1)
         return top.softmax(dim=-1), idx
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
@@ -133,9 +155,9 @@ def joint_head(model: nn.Module) -> tuple[str, JointHead]:
 
 
 @torch.no_grad()
-def record_usage(model: nn.Module, attention_mask: torch.Tensor) -> None:
-    """Add the last training forward's top-k choices on real (unpadded) tokens to each layer's counts."""
-    real = attention_mask.bool()  # (B, L)
+def record_usage(model: nn.Module, mask: torch.Tensor) -> None:
+    """Add the last training forward's top-k choices at the (B, L) mask's positions to each layer's counts."""
+    real = mask.bool()  # (B, L)
     for name, layer in moe_layers(model).items():
         if layer.last_choice is None:
             raise ValueError(f"CMA layer {name} has no recorded choices: run a training-mode forward first")
@@ -158,21 +180,17 @@ def entropy(p: torch.Tensor) -> float:
 
 
 def freeze_experts(model: nn.Module, masks: dict[str, list[bool]]) -> int:
-    """Set requires_grad=False on every expert marked frozen (call before the optimizer is built)."""
+    """Freeze every expert marked in `masks` and pin its gate row (call before the optimizer is built)."""
     layers = moe_layers(model)
     unknown = sorted(set(masks) - set(layers))
     if unknown:
         raise ValueError(f"freeze masks name layers the model lacks: {unknown} (it has {sorted(layers)})")
-    frozen = 0
     for name, mask in masks.items():
         if len(mask) != len(layers[name].experts):
             raise ValueError(f"freeze mask of {name} has {len(mask)} entries, the layer has "
                              f"{len(layers[name].experts)} experts")
-        for expert, is_frozen in zip(layers[name].experts, mask):
-            if is_frozen:
-                expert.requires_grad_(False)
-                frozen += 1
-    return frozen
+        layers[name].freeze(mask)
+    return sum(sum(mask) for mask in masks.values())
 
 
 def side_config(model: nn.Module) -> dict:
@@ -185,6 +203,9 @@ def side_config(model: nn.Module) -> dict:
 
 def save(model: nn.Module, dest: Path) -> Path:
     """Write all CMA weights, the joint heads and each layer's usage counts to `dest`, atomically."""
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            layer.gate.weight.copy_(layer.gate_weight())  # the rows the layer used, not drifted ones
     counts = {f"{name}.counts": layer.counts for name, layer in moe_layers(model).items()}
     return custom.save_side(model, dest, side_config(model), counts)
 

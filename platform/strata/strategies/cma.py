@@ -1,4 +1,4 @@
-"""CMA: one shared cross-modality MoE adapter whose busiest experts freeze after each task.
+"""CMA: one shared cross-modality MoE adapter whose busiest experts (and their gate rows) freeze after each task.
 
 After "Multi-Modal Continual Learning via Cross-Modality Adapters and Representation Alignment with
 Knowledge Preservation" (arXiv:2511.06723).
@@ -67,16 +67,21 @@ def preservation_loss(z_old: torch.Tensor, z_new: torch.Tensor, temperature: flo
     return F.kl_div(new, old, log_target=True, reduction="batchmean")
 
 
-def update_masks(counts: dict[str, torch.Tensor], old: dict[str, list[bool]], threshold: float,
-                 enabled: bool) -> dict[str, list[bool]]:
-    """Freeze experts whose share of the task's top-k selections exceeds `threshold` (union with `old`)."""
+def update_masks(counts: dict[str, torch.Tensor], old: dict[str, list[bool]], opts: CMAConfig) -> dict[str, list[bool]]:
+    """Add, per layer, up to `freeze_top` of the task's busiest experts above `freeze_threshold` to `old`'s
+    frozen ones, never past `freeze_cap` of the layer's experts (none when `freeze` is off)."""
     masks = {name: list(mask) for name, mask in old.items()}
     for name, c in counts.items():
-        prev = masks.get(name, [False] * len(c))
-        if len(prev) != len(c):
-            raise ValueError(f"layer {name}: {len(c)} expert counts but a freeze mask of {len(prev)}")
-        busy = (cma.shares(c) > threshold).tolist() if enabled else [False] * len(c)
-        masks[name] = [a or b for a, b in zip(prev, busy)]
+        mask = masks.setdefault(name, [False] * len(c))
+        if len(mask) != len(c):
+            raise ValueError(f"layer {name}: {len(c)} expert counts but a freeze mask of {len(mask)}")
+        if not opts.freeze:
+            continue
+        share = cma.shares(c)
+        room = min(opts.freeze_top, int(opts.freeze_cap * len(c) + 1e-9) - sum(mask))  # 1e-9: 0.29 * 100 is 28.99…
+        busy = [e for e in share.argsort(descending=True).tolist() if share[e] > opts.freeze_threshold and not mask[e]]
+        for e in busy[:max(room, 0)]:
+            mask[e] = True
     return masks
 
 
@@ -97,7 +102,13 @@ class CMAConfig:
     experts: int = 10
     top_k: int = 2
     hidden: int = 64  # bottleneck width of each expert
-    freeze_threshold: float = 0.1  # freeze experts whose top-k share exceeds this after a task
+    # After each task, each layer freezes up to `freeze_top` more of the experts the task used most
+    # (share of its text tokens' top-k picks above `freeze_threshold`, the paper's 10%), until
+    # `freeze_cap` of the layer's experts are frozen. Without the cap a uniform 1/E share is the
+    # threshold itself, half the experts froze after one task and later tasks had little left.
+    freeze_threshold: float = 0.1
+    freeze_top: int = 2
+    freeze_cap: float = 0.5
     freeze: bool = True  # False: the no-freezing ablation
     memory: int = 200  # memory-buffer rows kept across all tasks
     memory_batch: int = 8  # memory rows per training step
@@ -116,6 +127,9 @@ class CMAConfig:
         if (self.blocks is not None and self.blocks < 1) or min(self.hidden, self.memory, self.memory_batch) < 1:
             raise ValueError("cma.blocks (or null), cma.hidden, cma.memory and cma.memory_batch must be >= 1")
         check_unit(self.freeze_threshold, "cma.freeze_threshold")
+        check_unit(self.freeze_cap, "cma.freeze_cap")
+        if self.freeze_top < 0:
+            raise ValueError(f"cma.freeze_top must be >= 0, got {self.freeze_top}")
         check_positive(self, "cma", at_least_zero=("distill_weight", "align_weight", "preserve_weight"),
                         above_zero=("temperature", "preserve_temperature", "align_tau"))
 
@@ -123,7 +137,7 @@ class CMAConfig:
 @register("cma", CMAConfig)
 @dataclass
 class CMA(Strategy):
-    """One shared cross-modality MoE adapter; CE + KD + alignment + preservation; busy experts freeze."""
+    """One shared cross-modality MoE adapter; CE + KD + alignment + preservation; busy experts (and their gate rows) freeze."""
 
     opts: CMAConfig = field(default_factory=CMAConfig)
     needs_hidden_states = True  # the joint representation reads the LM's final hidden state
@@ -155,7 +169,7 @@ class CMA(Strategy):
     def after_task(self, ctx: TaskContext, train: pa.Table) -> None:
         """Freeze the busy experts, log their use, and give this task its share of the memory."""
         counts = cma.read_counts(ctx.adapters_dir / self.adapter_name(ctx))
-        masks = update_masks(counts, read_masks(ctx.state_dir), self.opts.freeze_threshold, self.opts.freeze)
+        masks = update_masks(counts, read_masks(ctx.state_dir), self.opts)
         state = Path(ctx.state_dir)
         write_text(state / FREEZE_FILE, json.dumps({"masks": masks, "after": ctx.name}, indent=1))
         with open(state / USAGE_FILE, "a") as f:
@@ -194,10 +208,11 @@ class CMA(Strategy):
 
     def loss(self, model: torch.nn.Module, batch: dict, outputs, step: int) -> torch.Tensor | None:
         """Alignment on the batch, plus KD and preservation on memory rows once a previous adapter exists."""
-        cma.record_usage(model, batch["attention_mask"])  # before any memory forward overwrites the choices
+        image, text = modality_masks(model, batch)
+        # Text tokens only: every task's pictures look alike to the gate, its words do not.
+        cma.record_usage(model, text)  # before any memory forward overwrites the choices
         o = self.opts
         _, head = cma.joint_head(model)
-        image, text = modality_masks(model, batch)
         z_v, z_t, z_joint = head(outputs.hidden_states[-1], image, text)
         terms = {"align": (o.align_weight, alignment_loss(z_v, z_t, z_joint, o.align_tau))}
         if self.previous is not None and self.memory is not None:

@@ -11,13 +11,16 @@ when it is the larger of the two. Replay rows (on by default) add a real, sparse
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 from strata.adapters.lora import trainable_parameters
+from strata.atomic import write_text
 from strata.config import check_unit
 from strata.grads import Grads
 from strata.hooks import TaskContext
@@ -25,6 +28,7 @@ from strata.strategies import register
 from strata.strategies.replay import Replay
 
 Norm = Callable[[list[torch.Tensor | None]], torch.Tensor]
+STEPS = "dgg_steps"  # per-task step figures in the state dir: dgg_steps/<task>.json
 
 
 def global_norm(tensors: list[torch.Tensor | None]) -> torch.Tensor:
@@ -92,6 +96,7 @@ class DGG(Replay):
         self.generator = torch.Generator()
         self.steps = self.injected = 0
         self.last_d_norm = self.last_grad_norm = 0.0
+        self.trace: list[tuple[int, float, float, bool, bool]] = []  # (step, ‖θ−θ*‖, ‖∇L‖, injected, scaled)
 
     # ---- driver side -----------------------------------------------------------------------
     def training_table(self, ctx: TaskContext, current: pa.Table) -> pa.Table:
@@ -118,6 +123,7 @@ class DGG(Replay):
         self.generator = torch.Generator().manual_seed(draw_seed(ctx.seed, ctx.index))
         self.steps = self.injected = 0
         self.last_d_norm = self.last_grad_norm = 0.0
+        self.trace = []
 
     def draw(self) -> bool:
         """One Bernoulli(α) draw from this task's generator."""
@@ -128,26 +134,46 @@ class DGG(Replay):
         self.steps += 1
         # Draw on every step, used or not, so the stream stays one draw per optimizer step on every rank.
         inject = self.draw() or not self.opts.bernoulli
-        if self.anchor is None or not inject:
+        if self.anchor is None:
             return
+        # ĝ's norms on every step, injected or not, so the trace shows the displacement grow between injections.
         g_hat, self.last_d_norm, self.last_grad_norm = guidance(
             grads.thetas(), grads.local(self.anchor), grads.values(), self.opts.scaling, grads.norm)
-        grads.add(g_hat)
-        self.injected += 1
+        scaled = inject and self.opts.scaling and self.last_d_norm > self.last_grad_norm
+        self.trace.append((step, self.last_d_norm, self.last_grad_norm, inject, scaled))
+        if inject:
+            grads.add(g_hat)
+            self.injected += 1
+
+    def displacement(self, grads: Grads) -> list[torch.Tensor | None] | None:
+        """θ − θ*, laid out like `grads.values()`: ĝ's direction (None on the first task)."""
+        if self.anchor is None:
+            return None
+        return [None if p is None else p.float() - a.float() for p, a in zip(grads.thetas(), grads.local(self.anchor))]
+
+    def finish_task(self, model: torch.nn.Module, processor, ctx: TaskContext, train: pa.Table, dest: Path) -> None:
+        """This task's per-step figures, as `dgg_steps/<task>.json` in the state dir."""
+        if self.trace:
+            names = ("step", "d_norm", "grad_norm", "injected", "scaled")
+            columns = {n: [row[i] for row in self.trace] for i, n in enumerate(names)}
+            write_text(dest / STEPS / f"{ctx.name}.json", json.dumps(columns))
 
     def train_state(self) -> dict[str, torch.Tensor]:
         """The Bernoulli stream's position and the counters, so a resumed worker draws on from here."""
-        return {"generator": self.generator.get_state(), "counts": torch.tensor([self.steps, self.injected])}
+        return {"generator": self.generator.get_state(), "counts": torch.tensor([self.steps, self.injected]),
+                "trace": torch.tensor(self.trace, dtype=torch.float64).reshape(-1, 5)}
 
     def load_train_state(self, state: dict[str, torch.Tensor]) -> None:
         """Continue the Bernoulli stream and counters where the checkpoint left them."""
         self.generator.set_state(state["generator"])
         self.steps, self.injected = (int(x) for x in state["counts"])
+        self.trace = [(int(r[0]), float(r[1]), float(r[2]), bool(r[3]), bool(r[4])) for r in state["trace"].tolist()]
 
     def metrics(self) -> dict[str, float]:
         """Injection rate on this task so far, and the last ‖θ − θ*‖ and ‖∇L‖ used for ĝ."""
         return {
             "dgg/injection_rate": self.injected / max(self.steps, 1),
+            "dgg/scaled_rate": sum(row[4] for row in self.trace) / max(self.injected, 1),
             "dgg/d_norm": self.last_d_norm,
             "dgg/grad_norm": self.last_grad_norm,
         }
