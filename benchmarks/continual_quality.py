@@ -55,7 +55,7 @@ from strata.strategies import make_strategy, options_for
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ("seqlora", "replay", "ewc", "lwf", "dgg", "mode", "cma", "decoupled", "multitask")
-METRICS = ("faa", "mfn", "maa", "bwt", "forgetting")
+METRICS = ("faa", "mft", "maa", "bwt", "forgetting")
 BEGIN, END = "<!-- continual_quality:begin -->", "<!-- continual_quality:end -->"
 CONFLICT_STEPS = 20  # training steps before the gradient-conflict probe measures
 CAPTION_ROWS = 100  # held-out pretraining captions scored after each task (the mode suite)
@@ -197,7 +197,7 @@ def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int,
     state = out / name / "state"
     return {
         "label": label, "strategy": name, "seed": seed, "tasks": m["tasks"],
-        **{k: m[k] for k in (*METRICS, "mft", "accuracy_matrix")},
+        **{k: m[k] for k in (*METRICS, "mfn", "accuracy_matrix")},
         "router_accuracy": m.get("router_accuracy"),
         "trainable_params": m["training"][-1].get("trainable_params"),
         "train_seconds": sum(t.get("train_seconds", 0.0) for t in m["training"]),
@@ -248,7 +248,7 @@ def fmt(agg: dict, key: str, digits: int = 1) -> str:
     return f"{agg[key]:.{digits}f} ± {std:.{digits}f}" if len(agg["seeds"]) > 1 else f"{agg[key]:.{digits}f}"
 
 
-COLUMNS = [("FAA", "faa"), ("MFN", "mfn"), ("MAA", "maa"), ("BWT", "bwt"), ("F", "forgetting"),
+COLUMNS = [("FAA", "faa"), ("MFT", "mft"), ("MAA", "maa"), ("BWT", "bwt"), ("F", "forgetting"),
            ("gap to MT", "gap_to_multitask")]
 
 
