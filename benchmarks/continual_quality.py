@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/continual_quality.py                      # every suite, 3 seeds
     .venv/bin/python benchmarks/continual_quality.py --suite dgg --seeds 0 1
     .venv/bin/python benchmarks/continual_quality.py --smoke-test         # plumbing only, ~2 min
+    .venv/bin/python benchmarks/continual_quality.py --no-run             # tables of the runs done so far
 
 Suites (each row is one strategy configuration; every run goes through `strata.pipeline.run`):
   main      every strategy on the first --main-tasks tasks of the stream (default all 8)
@@ -417,6 +418,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "continual_quality")
     p.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--smoke-test", action="store_true", help="test backbone, 2 tasks, 4 steps: plumbing only")
+    p.add_argument("--no-run", action="store_true", help="only summarise the runs already done (a partial table)")
     p.add_argument("--one", nargs=3, metavar=("SUITE", "LABEL", "SEED"), help=argparse.SUPPRESS)  # a child run
     return p.parse_args(argv)
 
@@ -469,6 +471,9 @@ def main(argv: list[str] | None = None) -> None:
                 wanted = identity(run_config(base, overrides, tasks, seed, Path("-")))
                 if not current(path, wanted) and (row := copy_of_main(args.results, label, tasks, seed)) is not None:
                     write_text(path, json.dumps(row, indent=2))
+                if not current(path, wanted) and args.no_run:
+                    console.log(f"{suite}/{label} seed {seed}: not run yet, left out")
+                    continue
                 if not current(path, wanted):
                     console.log(f"{suite}/{label} seed {seed}: {tasks} tasks …")
                     child = [sys.executable, __file__, *argv, "--one", suite, label, str(seed)]
