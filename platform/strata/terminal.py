@@ -10,5 +10,6 @@ console = Console()
 
 def fail(message: str, code: int = 1) -> None:
     """Print a clear error and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}")
+    # No wrapping: a path or an id in an error must come out whole, to be copied.
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(code)
