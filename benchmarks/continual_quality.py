@@ -146,8 +146,10 @@ def run_config(base: RunConfig, overrides: dict, tasks: int, seed: int, out: Pat
 
 
 def identity(cfg: RunConfig) -> dict[str, str]:
-    """What makes a stored row reusable: the config (wherever it ran) and the backbone build."""
-    return {"config_key": replace(cfg, out="-").hash(), "backbone_build": resolve(cfg.backbone).name}
+    """What makes a stored row reusable: the config and the backbone build. Where a run writes and
+    how often it reports to Ray do not change what it learns, so they are left out (pinned)."""
+    learning = replace(cfg, out="-", train=replace(cfg.train, report_every=1))
+    return {"config_key": learning.hash(), "backbone_build": resolve(cfg.backbone).name}
 
 
 def dgg_steps(state: Path) -> dict[str, dict]:

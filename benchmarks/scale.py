@@ -103,7 +103,7 @@ def throughput(cfg: RunConfig, tasks: list[str], paths: dict[str, str], backbone
     # Every row but the first reports metrics every 10 steps: a report costs a round trip to the
     # Train controller (~0.15 s here), which would hide the compute on a model this small.
     every = {"report_every": 10}
-    variants = [("1 worker, report every step", {"num_workers": 1, "cpus_per_worker": cpus}),
+    variants = [("1 worker, report every step", {"num_workers": 1, "cpus_per_worker": cpus, "report_every": 1}),
                 ("1 worker", {"num_workers": 1, "cpus_per_worker": cpus, **every}),
                 ("2 workers, DDP", {"num_workers": 2, "cpus_per_worker": half, **every})]
     if zero:

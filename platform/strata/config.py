@@ -118,7 +118,9 @@ class TrainConfig:
     storage_path: str | None = None  # Ray Train checkpoints: a local dir or any pyarrow.fs URI (s3://...)
     max_failures: int = 2  # worker-group restarts per task; each resumes from the last checkpoint
     checkpoint_every: int = 25  # steps between resumable checkpoints (0: only the final adapter)
-    report_every: int = 1  # steps between metric reports to Ray (each costs a round trip to the controller)
+    # Steps between metric reports to Ray. A report is a round trip to the Train controller, about
+    # 0.1 s on the 2-core box: reporting every step doubled make run's training time (BENCHMARKS.md).
+    report_every: int = 25
     zero_stage: int | None = None  # None: plain DDP; 0-3: DeepSpeed ZeRO stage
     zero_offload: bool = False  # DeepSpeed: optimizer state on the CPU (DeepSpeedCPUAdam)
     bf16: bool = False  # bfloat16 autocast for forward/backward (adapter weights stay fp32)

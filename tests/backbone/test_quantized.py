@@ -142,7 +142,7 @@ def test_qlora_trains_and_the_saved_adapter_reloads_on_a_fresh_4bit_backbone(
     strategy, ctx = seqlora_ctx(tmp_path / "state")
     keeper = AdapterKeeper(tmp_path / "adapter")
     train_task(model, processor, strategy, ctx, split(table, "train"),
-               TrainConfig(steps=30, batch_size=8, lr=3e-3), keeper, log_every=5)
+               TrainConfig(steps=30, batch_size=8, lr=3e-3, report_every=1), keeper, log_every=5)
     assert keeper.losses[-1] < 0.5 * keeper.losses[0], keeper.losses
     assert keeper.kept is not None, "the final report carried no adapter"
     weights = load_file(str(keeper.kept / "adapter_model.safetensors"))

@@ -165,7 +165,7 @@ def _train_one(job: TaskJob, index: int, device: torch.device, resume: Checkpoin
 
 
 def quiet_per_step_reports() -> None:
-    """Ray Train logs every report at INFO on every worker; with a report per step that drowns the
+    """Ray Train logs every report at INFO on every worker; with frequent reports that drowns the
     loop's own progress lines, so its context logger (named by file path) is raised to WARNING."""
     from ray.train.v2._internal.execution import context
 
