@@ -31,6 +31,7 @@ import platform
 import random
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -182,8 +183,10 @@ def caption_score(cfg: RunConfig, name: str, state: Path, task_index: int | None
 
 
 def run_one(base: RunConfig, label: str, tasks: int, overrides: dict, seed: int, work: Path) -> dict:
-    """One strategy configuration on one seed: the pipeline's metrics plus cost columns."""
+    """One strategy configuration on one seed, from scratch: the pipeline's metrics plus cost columns."""
     out = work / f"{label}-seed{seed}"
+    # A run stopped halfway leaves its registry and task leases behind; rows resume whole, never mid-run.
+    shutil.rmtree(out, ignore_errors=True)
     cfg = run_config(base, overrides, tasks, seed, out)
     (name,) = cfg.strategies
     captions: list[float] = []
@@ -449,7 +452,7 @@ def run_child(args: argparse.Namespace, base: RunConfig, plan: dict) -> None:
     """`--one SUITE LABEL SEED`: run one configuration in this fresh process and write its JSON."""
     suite, label, seed = args.one[0], args.one[1], int(args.one[2])
     (tasks, overrides), = [(t, o) for lab, t, o in plan[suite] if lab == label]
-    row = run_one(base, label, tasks, overrides, seed, args.results / "work")
+    row = run_one(base, label, tasks, overrides, seed, args.results / "work" / suite)
     write_text(args.results / "runs" / suite / label / f"seed{seed}.json", json.dumps(row, indent=2))
 
 
