@@ -27,7 +27,7 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(registry_app, name="registry")
 monitor_app = typer.Typer(help="Watch served adapters: KL drift against an anchor.", no_args_is_help=True)
 app.add_typer(monitor_app, name="monitor")
-backbone_app = typer.Typer(help="Backbones: build a built-in one from its recipe.", no_args_is_help=True)
+backbone_app = typer.Typer(help="Backbones: build a built-in one, inspect any.", no_args_is_help=True)
 app.add_typer(backbone_app, name="backbone")
 
 
@@ -320,6 +320,48 @@ def backbone_build(
     console.print(f"ready: {path}")
     if ship:
         console.print(f"shipped: {tiny.ship(name, path)}")
+
+
+@backbone_app.command("inspect")
+def backbone_inspect(
+    source: str = typer.Argument(..., help="builtin:NAME, a local model directory, or a hub id."),
+    config: Path | None = typer.Option(None, help="YAML run config whose `adapter` is inspected (default: the "
+                                       "default adapter)."),
+    kind: str | None = typer.Option(None, help="Override adapter.kind."),
+    placement: str | None = typer.Option(None, help="Override adapter.placement."),
+) -> None:
+    """Print a backbone's family, its parts, where the configured adapter lands, and whether QLoRA applies."""
+    import dataclasses
+
+    from strata.backbone.inspect import inspect_backbone
+    from strata.backbone.load import resolve
+    from strata.config import BackboneSpec
+
+    try:
+        spec = build_run_config(config, [], None, None, None, None, None, None, None, None).adapter
+        spec = dataclasses.replace(spec, **{k: v for k, v in {"kind": kind, "placement": placement}.items() if v})
+        found = inspect_backbone(source, resolve(BackboneSpec(source)), spec)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    console.print(f"[bold]{source}[/]: family [bold]{found.family.name}[/] ({found.model_class})")
+    if found.family.note:
+        console.print(f"note: {found.family.note}")
+    table = Table(title="parts")
+    for column in ("part", "linear layers", "parameters"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    for part, params in found.parts.items():
+        table.add_row(part, str(found.modules[part]), f"{params:,}")
+    console.print(table)
+    table = Table(title=f"adapter: {spec.kind}, placement {spec.placement}")
+    for column in ("side", "modules", "layer types"):
+        table.add_column(column)
+    for side, names in found.targets.items():
+        table.add_row(side, str(len(names)), ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})) or "—")
+    console.print(table)
+    console.print(f"trainable: {found.trainable:,} of {found.total:,} parameters ({found.trainable_pct:.3f}%)")
+    skip = ", ".join(found.family.quantization_skip())
+    console.print(f"QLoRA (backbone.quantization: 4bit): applies; {found.quantized_linears} linear layers of the "
+                  f"language model become 4-bit, and these stay in full precision: {skip}")
 
 
 @adapters_app.command("kinds")

@@ -96,13 +96,13 @@ def test_text_rank_zero_leaves_language_model_alone(backbone) -> None:
     [(2, -1, 2), (2, -2, 1), (24, -2, 23), (4, 3, 3), (4, [-2, -3], 3)],
 )
 def test_used_vision_layers(layers: int, feature_layer, used: int) -> None:
-    config = SimpleNamespace(vision_config=SimpleNamespace(num_hidden_layers=layers),
+    config = SimpleNamespace(model_type="llava", vision_config=SimpleNamespace(num_hidden_layers=layers),
                              vision_feature_layer=feature_layer)
     assert used_vision_layers(config) == used
 
 
 def test_used_vision_layers_mixed_sign_list() -> None:
-    config = SimpleNamespace(vision_config=SimpleNamespace(num_hidden_layers=4),
+    config = SimpleNamespace(model_type="llava", vision_config=SimpleNamespace(num_hidden_layers=4),
                              vision_feature_layer=[1, -2])
     assert used_vision_layers(config) == 3
 

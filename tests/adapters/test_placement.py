@@ -38,7 +38,7 @@ def lora_ranks(model: torch.nn.Module) -> dict[str, int]:
 
 
 def config(vision_layers: int = 4, feature_layer: int = -2, text_layers: int = 5) -> SimpleNamespace:
-    return SimpleNamespace(vision_config=SimpleNamespace(num_hidden_layers=vision_layers),
+    return SimpleNamespace(model_type="llava", vision_config=SimpleNamespace(num_hidden_layers=vision_layers),
                            vision_feature_layer=feature_layer,
                            text_config=SimpleNamespace(num_hidden_layers=text_layers))
 
@@ -136,8 +136,8 @@ def test_bitfit_refused_where_the_selected_linears_have_no_bias(backbone) -> Non
         check(spec, model)
 
 
-def test_non_llava_model_refused() -> None:
-    with pytest.raises(ValueError, match="LLaVA-style model config"):
+def test_unsupported_model_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported backbone architecture None .* supported model types: .*llava"):
         check(AdapterSpec(), torch.nn.Linear(2, 2))
 
 

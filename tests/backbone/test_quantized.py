@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from strata.adapters.lora import add_adapter, load_adapter
 from strata.backbone import load as load_module
+from strata.backbone.families.llava import LLAVA
 from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
@@ -112,7 +113,7 @@ def test_4bit_lm_linears_are_nf4_double_quant_and_everything_is_frozen(q4_spec, 
             if isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear4bit)}
     assert "lm_head" in kept
     assert any("multi_modal_projector" in n for n in kept) and any("vision_tower" in n for n in kept)
-    assert all(any(skip in n for skip in load_module.QUANTIZATION_SKIP) for n in kept), sorted(kept)
+    assert all(any(skip in n for skip in LLAVA.quantization_skip()) for n in kept), sorted(kept)
     assert {m.weight.dtype for m in kept.values()} == {torch.float32}
     assert len(linear4bit(model)) == len(linears)  # nothing outside the LM is quantized
     # Frozen: no parameter needs a gradient, and the model is in eval mode.
@@ -295,7 +296,8 @@ def test_an_already_quantized_model_is_refused(q4_spec, backbone_dir, tmp_path: 
 
 def test_a_model_with_nothing_to_quantize_is_refused(q8_spec, backbone_dir, monkeypatch) -> None:
     # Stands in for a model whose LM has no nn.Linear layers bitsandbytes could replace.
-    monkeypatch.setattr(load_module, "QUANTIZATION_SKIP", (*load_module.QUANTIZATION_SKIP, "model.language_model"))
+    everything_kept = dataclasses.replace(LLAVA, vision_parts=(*LLAVA.vision_parts, "language_model"))
+    monkeypatch.setattr(load_module, "trainable_family", lambda path: everything_kept)
     with pytest.raises(ValueError, match="cannot be quantized"):
         load_backbone(q8_spec, backbone_dir)
 

@@ -14,7 +14,6 @@ names (CMA: the text tokens). Freezing an expert also pins its gate row (`CrossM
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from strata.adapters import custom
+from strata.backbone.families import family_of
 from strata.backbone.features import masked_mean
 
 KIND = "cma"
 VERSION = 1  # bump when the side-file config changes shape
-LM_BLOCK = re.compile(r"(?:.*\.)?language_model\.layers\.(\d+)")
 
 
 class Expert(nn.Module):
@@ -121,9 +120,10 @@ class CrossModalMoE(custom.StrataLayer):
 
 def attach(model: nn.Module, blocks: int | None, experts: int, top_k: int, hidden: int) -> list[str]:
     """Wrap the last `blocks` decoder blocks of the LM (None: all); returns the wrapped names, in depth order."""
-    found = sorted((int(m.group(1)), n) for n in dict(model.named_modules()) if (m := LM_BLOCK.fullmatch(n)))
+    family = family_of(model.config)
+    found = sorted((i, n) for n in dict(model.named_modules()) if (i := family.lm_layer_index(n)) is not None)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no language_model.layers.N blocks to adapt")
+        raise ValueError(f"{type(model).__name__} has no LM decoder layers ({family.text_layers}.N) to adapt")
     blocks = len(found) if blocks is None else blocks
     if not 1 <= blocks <= len(found):
         raise ValueError(f"cma blocks must be in [1, {len(found)}] (the LM's layer count), got {blocks}")

@@ -29,7 +29,7 @@ from strata.atomic import replace_dir
 from strata.config import MULTI_ADAPTER_KINDS, AdapterSpec, check_name
 
 __all__ = [
-    "MULTI_ADAPTER_KINDS", "PEFT_KINDS", "STRATA_KINDS", "TEXT", "adapter_kind", "adapter_kinds", "add_adapter",
+    "MULTI_ADAPTER_KINDS", "PEFT_KINDS", "STRATA_KINDS", "adapter_kind", "adapter_kinds", "add_adapter",
     "load_adapter", "lora_config", "named_adapter_parameters", "prefix_config", "save_adapter",
     "trainable_parameters", "used_vision_layers", "visual_targets",
 ]
@@ -38,7 +38,6 @@ PEFT_KINDS = ("lora", "dora", "prefix")
 STRATA_KINDS = ("bottleneck", "bitfit")
 STRATA_ATTR = "strata_adapter"  # model attribute holding the side config of its Strata-kind adapter
 SIDE_VERSION = 1  # bump when the side-file config of bottleneck/bitfit changes shape
-TEXT = r"language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"  # every LM linear
 
 
 def visual_targets(config) -> str:

@@ -24,13 +24,12 @@ import torch
 from torch import nn
 
 from strata.adapters import custom
-from strata.adapters.lora import TEXT
+from strata.backbone.families import family_of
 from strata.config import AdapterSpec
 
 KIND = "mode"  # the side file's kind
 VERSION = 1  # bump when the side-file layout changes
 CONTEXT_ATTR = "strata_modality"  # model attribute holding the shared ModalityContext
-TARGETS = rf"(.*\.)?{TEXT}"  # every LM linear, whatever prefix the LLaVA class puts in front
 
 
 @dataclass(frozen=True)
@@ -200,7 +199,9 @@ def attach(model: nn.Module, cfg: ModalityLoRAConfig) -> nn.Module:
     if image_token_id is None:
         raise ValueError(f"{type(model).__name__}.config has no image_token_id: MoDE needs a LLaVA-style model")
     ctx = ModalityContext(int(image_token_id), config=cfg)
-    custom.wrap(model, TARGETS, lambda name, base: ModalityLoRA(base, ctx, cfg))
+    family = family_of(model.config)
+    every_lm_linear = rf"(.*\.)?{family.text_layers}\.\d+\.{family.text_linears}"
+    custom.wrap(model, every_lm_linear, lambda name, base: ModalityLoRA(base, ctx, cfg))
     ctx.hook = model.register_forward_pre_hook(_routing_hook(ctx), with_kwargs=True)
     setattr(model, CONTEXT_ATTR, ctx)
     return model

@@ -1,7 +1,8 @@
 """Where an adapter sits: which layers of which tower, which kinds fit which placements, per-layer ranks.
 
-A LLaVA model has two towers joined by a projector: the vision tower (only the layers that feed the
-LM count, see `used_vision_layers`) and the language model. A placement picks layer indices within
+A vision-language model has two towers joined by a projector: the vision tower (only the layers
+that feed the LM count, see `used_vision_layers`) and the language model. Where each part sits in a
+given architecture comes from its family's description (strata/backbone/families/). A placement picks layer indices within
 EACH tower, counting from 0 at the input end, with n the tower's layer count:
 
     all, vision_only, language_only   every layer: 0 .. n-1
@@ -28,9 +29,10 @@ import re
 
 import torch
 
+from strata.backbone.families import family_of
 from strata.config import PLACEMENTS, AdapterSpec
 
-# Which placements each kind supports on a LLaVA (CLIP vision tower + Llama LM) backbone.
+# Which placements each kind supports (the same on every family; see WHY for the limits).
 COMPATIBLE: dict[str, tuple[str, ...]] = {
     "lora": PLACEMENTS,
     "dora": PLACEMENTS,
@@ -46,17 +48,10 @@ WHY: dict[str, str] = {  # why a kind is limited; quoted in the error and in the
 }
 PER_LAYER_RANK = ("lora", "dora", "bottleneck")  # kinds for which layer_ranks means something
 
-_VISION_LINEARS = r"(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
-_TEXT_LINEARS = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-_PROJECTOR_LINEARS = r"(.*\.)?multi_modal_projector\.linear_[12]"
-
 
 def used_vision_layers(config) -> int:
-    """How many vision-tower layers feed the LM; LLaVA reads layer -2, so the last one is dead."""
-    n = config.vision_config.num_hidden_layers
-    layers = config.vision_feature_layer
-    layers = layers if isinstance(layers, (list, tuple)) else [layers]
-    return max(n + 1 + layer if layer < 0 else layer for layer in layers)
+    """How many vision-tower layers feed the LM (LLaVA reads layer -2, so its last one is dead)."""
+    return family_of(config).depth(config)
 
 
 def tower_layers(placement: str, n: int) -> tuple[int, ...]:
@@ -75,12 +70,10 @@ def tower_layers(placement: str, n: int) -> tuple[int, ...]:
 def layer_plan(spec: AdapterSpec, config) -> tuple[tuple[int, ...], bool, tuple[int, ...]]:
     """(vision layer indices, projector adapted?, LM layer indices) for `spec` on a model `config`."""
     check_kind(spec)
-    if not (hasattr(config, "vision_config") and hasattr(config, "text_config")):
-        raise ValueError(f"adapters need a LLaVA-style model config (vision_config + text_config), got "
-                         f"{type(config).__name__}")
+    family = family_of(config)
     vision_side = spec.visual_rank > 0 and spec.placement != "language_only"
     text_side = spec.text_rank > 0 and spec.placement != "vision_only"
-    vision = tower_layers(spec.placement, used_vision_layers(config)) if vision_side else ()
+    vision = tower_layers(spec.placement, family.depth(config)) if vision_side else ()
     projector = vision_side and spec.placement in ("all", "vision_only", "top_half")
     text = tower_layers(spec.placement, config.text_config.num_hidden_layers) if text_side else ()
     if not (vision or projector or text):
@@ -89,23 +82,21 @@ def layer_plan(spec: AdapterSpec, config) -> tuple[tuple[int, ...], bool, tuple[
     return vision, projector, text
 
 
-def _indices(layers: tuple[int, ...]) -> str:
-    return "|".join(str(i) for i in layers)
-
-
 def pattern(spec: AdapterSpec, config) -> str:
     """Regex (full match, any prefix) of the module names the adapter of `spec` attaches to."""
     vision, projector, text = layer_plan(spec, config)
-    vision_block = rf"(.*\.)?vision_tower\.(vision_model\.)?encoder\.layers\.({_indices(vision)})"
-    text_block = rf"(.*\.)?language_model\.(model\.)?layers\.({_indices(text)})"
+    family = family_of(config)  # a projector without linears (Gemma 3) takes a bottleneck but no LoRA
+    vision_block, text_block = family.vision_block(vision), family.text_block(text)
     if spec.kind == "prefix":  # PEFT puts virtual keys/values into every LM attention layer
         sides = [rf"{text_block}\.self_attn"]
     elif spec.kind == "bottleneck":  # an adapter after each selected block's MLP (the projector is one)
-        sides = [rf"{vision_block}\.mlp"] * bool(vision) + [r"(.*\.)?multi_modal_projector"] * projector
+        sides = [rf"{vision_block}\.mlp"] * bool(vision)
+        sides += [rf"(.*\.)?{re.escape(family.projector_block)}"] * projector
         sides += [rf"{text_block}\.mlp"] * bool(text)
     else:  # lora, dora and bitfit act on linear layers
-        sides = [rf"{vision_block}\.(self_attn|mlp)\.{_VISION_LINEARS}"] * bool(vision)
-        sides += [_PROJECTOR_LINEARS] * projector + [rf"{text_block}\.(self_attn|mlp)\.{_TEXT_LINEARS}"] * bool(text)
+        sides = [rf"{vision_block}\.{family.vision_linears}"] * bool(vision)
+        sides += [rf"(.*\.)?{family.projector}"] * (projector and family.projector is not None)
+        sides += [rf"{text_block}\.{family.text_linears}"] * bool(text)
     return "|".join(f"({s})" for s in sides)
 
 
@@ -132,13 +123,14 @@ def select(spec: AdapterSpec, model: torch.nn.Module) -> dict[str, int]:
             raise ValueError(f"BitFit with placement {spec.placement!r}: none of the selected linear layers of "
                              f"{type(model).__name__} has a bias, so there is nothing to train")
         return dict.fromkeys(names, 0)
+    family = family_of(model.config)
     if not names:
-        raise ValueError(f"placement {spec.placement!r} matches no module of {type(model).__name__}; "
-                         "is it a LLaVA-style model (vision_tower, multi_modal_projector, language_model)?")
+        raise ValueError(f"placement {spec.placement!r} matches no module of {type(model).__name__}, whose "
+                         f"config says family {family.name!r}: its module names differ from that description")
     ranks = {}
     for name in names:
         key = rank_key(list(spec.layer_ranks), name)
-        visual = "vision_tower." in name or "multi_modal_projector" in name
+        visual = family.is_vision(name)
         ranks[name] = spec.layer_ranks[key] if key is not None else spec.visual_rank if visual else spec.text_rank
     for key in spec.layer_ranks:
         if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):

@@ -13,23 +13,22 @@ from pathlib import Path
 
 import torch
 from peft import prepare_model_for_kbit_training
-from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
+from strata.backbone.families import Family, family_of
+from strata.backbone.inspect import read_config
 from strata.backbone.tiny import ensure_builtin
 from strata.config import BackboneSpec
 
-# Modules that stay in full precision when the backbone is quantized. QLoRA quantizes the LM's linear
-# layers, which hold nearly all the weights; everything else is small and sensitive:
+# QLoRA quantizes the LM's linear layers, which hold nearly all the weights, and keeps the rest in full
+# precision (each family's `quantization_skip`):
 # - lm_head: the output projection over the vocabulary; transformers never quantizes it by default,
-#   and naming any skip list replaces that default, so it is listed here.
-# - multi_modal_projector: the bridge between the towers, two small layers whose error every image
-#   token carries into the LM (LLaVA's own QLoRA recipe keeps its mm_projector unquantized).
-# - vision_tower: a few percent of a LLaVA's weights, so 4 bits saves little memory there, and it
+#   and naming any skip list replaces that default, so it is listed.
+# - the projector: the bridge between the towers, whose error every image token carries into the LM
+#   (LLaVA's own QLoRA recipe keeps its mm_projector unquantized).
+# - the vision tower: a few percent of the weights, so 4 bits saves little memory there, and it
 #   feeds the frozen pooled features the Decoupled router compares; visual adapters (LoRA on the
 #   tower, BitFit on its biases) then wrap plain nn.Linear layers.
-# transformers 5 matches these against full module names from the start (then as a suffix), so the
-# towers are named with their "model." prefix.
-QUANTIZATION_SKIP = ("lm_head", "model.multi_modal_projector", "model.vision_tower")
 QUANTIZED_DEVICES = ("cpu", "cuda")  # the bitsandbytes backends Strata builds on (ENVIRONMENT.md)
 
 
@@ -64,15 +63,31 @@ def load_backbone(spec: BackboneSpec, path: Path | None = None, device: torch.de
     """
     path = Path(path or resolve(spec))
     device = _device(device)
+    family = trainable_family(path)
     if spec.quantization is None:
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
         if device.type != "cpu":
             model.to(device)
     else:
-        model = _load_quantized(path, spec.quantization, device)
+        model = _load_quantized(path, spec.quantization, device, family)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     return freeze(model), processor
+
+
+# Families whose rows Strata's data path (chat rendering, collate, pooled features) can encode today;
+# the rest are recognised, placed and inspected (`strata backbone inspect`) but not yet trained.
+TRAINED_FAMILIES = ("llava",)
+
+
+def trainable_family(path: Path) -> Family:
+    """The family of the checkpoint at `path`, refusing one that Strata cannot train yet."""
+    family = family_of(read_config(path))
+    if family.name not in TRAINED_FAMILIES:
+        raise ValueError(f"{path}: a {family.name} checkpoint. Strata recognises this family (`strata backbone "
+                         f"inspect` shows where adapters land) but cannot train, evaluate or serve it yet: its chat "
+                         f"rendering and batching are not wired. Trained today: {', '.join(TRAINED_FAMILIES)}")
+    return family
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,8 +108,8 @@ def shared_backbone(spec: BackboneSpec, path: Path):
     return copy.deepcopy(model, memo), processor
 
 
-def _load_quantized(path: Path, mode: str, device: torch.device) -> torch.nn.Module:
-    """A LLaVA model whose LM linears are bitsandbytes 4-bit (NF4 + double quant) or 8-bit layers."""
+def _load_quantized(path: Path, mode: str, device: torch.device, family: Family) -> torch.nn.Module:
+    """A model whose LM linears are bitsandbytes 4-bit (NF4 + double quant) or 8-bit layers."""
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -117,23 +132,23 @@ def _load_quantized(path: Path, mode: str, device: torch.device) -> torch.nn.Mod
             bnb_4bit_use_double_quant=True,
             # fp32 on CPU: the CPU backend dequantizes and multiplies in the input dtype; bf16 on CUDA.
             bnb_4bit_compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16,
-            llm_int8_skip_modules=list(QUANTIZATION_SKIP),
+            llm_int8_skip_modules=list(family.quantization_skip()),
         )
         layer_type = bnb.nn.Linear4bit
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(QUANTIZATION_SKIP))
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(family.quantization_skip()))
         layer_type = bnb.nn.Linear8bitLt
         _quiet_int8_cast_warning()
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = AutoModelForImageTextToText.from_pretrained(
         path,
         quantization_config=config,
         device_map="cpu" if device.type == "cpu" else {"": device.index},
         dtype=torch.float32,  # what prepare_model_for_kbit_training casts the unquantized rest to anyway
     )
-    quantized = [m for name, m in model.named_modules() if isinstance(m, layer_type) and "language_model" in name]
+    quantized = [m for name, m in model.named_modules() if isinstance(m, layer_type) and not family.is_vision(name)]
     if not quantized:
         raise ValueError(f"{path}: quantization={mode!r} found no linear layer of the language model to "
-                         f"quantize (kept in full precision: {QUANTIZATION_SKIP}); this model cannot be "
+                         f"quantize (kept in full precision: {family.quantization_skip()}); this model cannot be "
                          f"quantized by Strata, set quantization to None")
     # Casts any fp16/bf16 leftovers to fp32 and freezes. Gradient checkpointing stays off here: the
     # training loop turns it on (non-reentrant) when TrainConfig.gradient_checkpointing asks.

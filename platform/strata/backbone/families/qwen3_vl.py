@@ -1,0 +1,18 @@
+"""Qwen3-VL: a ViT with a merger and "deepstack" mergers that feed early LM layers, a Qwen3 LM.
+
+The vision MLP and the mergers share the leaf names `linear_fc1`/`linear_fc2`, so the projector
+is told apart by its path.
+"""
+
+from strata.backbone.families import Family, register
+
+QWEN3_VL = register(Family(
+    name="qwen3-vl",
+    model_types=("qwen3_vl",),
+    vision_layers=r"visual\.blocks",
+    vision_linears=r"(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))",
+    text_layers=r"language_model\.(model\.)?layers",
+    projector=r"visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc[12]",
+    projector_block="visual.merger",
+    vision_parts=("visual",),
+))
