@@ -48,3 +48,70 @@ def tiny_model(model_type: str):
     """A randomly initialised tiny model of `model_type`, frozen as a backbone is."""
     model = transformers.AutoModelForImageTextToText.from_config(CONFIGS[model_type]())
     return model.requires_grad_(False).eval()
+
+
+# ---- whole checkpoints (model, processor and chat template) for the families Strata trains ------
+
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+IDEFICS3_CHAT = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+WORDS = ["what", "colour", "shape", "is", "the", "a", "of", "in", "on", "how", "many", "objects", "are", "there",
+         "where", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "star",
+         "left", "right", "above", "below", "yes", "no", "user", "assistant", "large", "small"]
+
+
+def tokenizer(specials: list[str], extra: dict[str, str], **named):
+    """A small byte-level BPE that keeps the built-in stream's words and the family's markers whole."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<unk>", *specials],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS), *(f" {w}" for w in WORDS)] * 20, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                extra_special_tokens=extra, **named)
+
+
+def save_checkpoint(model_type: str, path) -> None:
+    """A tiny random checkpoint of `model_type` with its processor and chat template, as a hub one is laid out."""
+    if model_type == "qwen2_vl":
+        from strata.backbone.families.qwen2_vl import ImageOnlyQwen2VLProcessor
+
+        tok = tokenizer(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                         "<|video_pad|>"], {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+                        eos_token="<|im_end|>")
+        side = 48 * 48
+        images = transformers.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2,
+                                                       size={"shortest_edge": side, "longest_edge": side})
+        processor = ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tok, chat_template=QWEN_CHAT)
+        config = CONFIGS["qwen2_vl"]()
+        ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+               "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+        for key, token in ids.items():
+            setattr(config, key, tok.convert_tokens_to_ids(token))
+    elif model_type == "idefics3":
+        tok = tokenizer(["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
+                         "<global-img>"], {"image_token": "<image>"}, eos_token="<end_of_utterance>",
+                        bos_token="<|im_start|>")
+        images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 48}, do_image_splitting=False,
+                                                         max_image_size={"longest_edge": 48})
+        processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=9,
+                                                   chat_template=IDEFICS3_CHAT)
+        config = CONFIGS["idefics3"]()
+        config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    else:
+        raise ValueError(f"no checkpoint recipe for {model_type!r}")
+    text = config.text_config
+    text.vocab_size, text.pad_token_id, text.eos_token_id = len(tok), tok.pad_token_id, tok.eos_token_id
+    text.bos_token_id = tok.bos_token_id
+    config.tie_word_embeddings = True
+    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    processor.save_pretrained(path)

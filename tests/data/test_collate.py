@@ -1,4 +1,4 @@
-"""Collate: the one chat template, loss on answer tokens only, left padding for generation."""
+"""Collate: the backbone's chat template, loss on answer tokens only, left padding for generation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task
 from strata.data.collate import IGNORE, collate, decode_image, encode_table
-from strata.data.template import EOS, render_answer, render_prompt
+from strata.data.template import EOS, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_labels_cover_answer_tokens_only(loaded, table, encoded) -> None:
     tok = loaded[1].tokenizer
     for i, row in enumerate(table.to_pylist()):
         ids, labels, n_prompt = encoded.input_ids[i], encoded.labels[i], encoded.prompt_lengths[i]
-        answer_ids = tok(render_answer(row["answer"]), add_special_tokens=False)["input_ids"]
+        answer = render_answer(LLAVA_CHAT_TEMPLATE, row["prompt"], row["answer"], EOS)
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(labels) == n_prompt + len(answer_ids)
         assert labels[:n_prompt] == [IGNORE] * n_prompt
         assert labels[n_prompt:] == answer_ids == ids[n_prompt:]
@@ -47,7 +48,8 @@ def test_labels_cover_answer_tokens_only(loaded, table, encoded) -> None:
 def test_prompt_is_the_shared_template(loaded, table, encoded) -> None:
     processor = loaded[1]
     for i, row in enumerate(table.to_pylist()):
-        alone = processor(text=[render_prompt(row["prompt"], has_image=True)],
+        assert processor.chat_template == LLAVA_CHAT_TEMPLATE  # its own (the recipe saves it), or the llava default
+        alone = processor(text=[render_prompt(LLAVA_CHAT_TEMPLATE, row["prompt"], has_image=True)],
                           images=[decode_image(row["image"])], return_tensors="pt")
         assert encoded.input_ids[i][: encoded.prompt_lengths[i]] == alone["input_ids"][0].tolist()
         text = processor.tokenizer.decode(encoded.input_ids[i][: encoded.prompt_lengths[i]])
@@ -68,7 +70,8 @@ def test_image_tokens_match_image_seq_length(loaded, encoded) -> None:
     for ids in encoded.input_ids:
         assert ids.count(image_id) == model.config.image_seq_length == 9  # one token per grid cell
     size = processor.image_processor.crop_size["height"]
-    assert encoded.pixel_values.shape == (len(encoded), 3, size, size)
+    assert [tuple(p.shape) for p in encoded.images["pixel_values"]] == [(3, size, size)] * len(encoded)
+    assert set(encoded.images) == {"pixel_values"} and encoded.token_types == {}
 
 
 @pytest.mark.parametrize("left_pad", [False, True])
@@ -89,7 +92,7 @@ def test_padding_and_attention_mask(loaded, encoded, left_pad: bool) -> None:
         assert torch.all(row[pads] == pad) and torch.all(labels[pads] == IGNORE)
         assert torch.all(mask[real] == 1) and torch.all(mask[pads] == 0)
         assert int(mask.sum()) == n
-    assert torch.equal(batch["pixel_values"], encoded.pixel_values)
+    assert torch.equal(batch["pixel_values"], torch.stack(encoded.images["pixel_values"]))
 
 
 def test_model_loss_counts_answer_tokens_only(loaded, encoded) -> None:
@@ -110,7 +113,7 @@ def test_select_keeps_rows_aligned(encoded) -> None:
     sub = encoded.select([2, 0])
     assert sub.input_ids == [encoded.input_ids[2], encoded.input_ids[0]]
     assert sub.answers == [encoded.answers[2], encoded.answers[0]]
-    assert torch.equal(sub.pixel_values[0], encoded.pixel_values[2])
+    assert sub.images["pixel_values"][0] is encoded.images["pixel_values"][2]
 
 
 def test_text_only_rows_are_refused_clearly(loaded, table) -> None:

@@ -70,23 +70,36 @@ def load_backbone(spec: BackboneSpec, path: Path | None = None, device: torch.de
             model.to(device)
     else:
         model = _load_quantized(path, spec.quantization, device, family)
-    processor = AutoProcessor.from_pretrained(path)
+    return freeze(model), load_processor(path, family)
+
+
+def load_processor(path: Path, family: Family):
+    """The backbone's processor, left-padding, with a chat template (its own, else its family's)."""
+    processor = (family.load_processor or AutoProcessor.from_pretrained)(path)
     processor.tokenizer.padding_side = "left"
-    return freeze(model), processor
+    if not processor.chat_template:
+        if family.chat_template is None:
+            raise ValueError(f"{path}: the processor has no chat template, and the {family.name} family has no "
+                             "default; save the checkpoint's chat_template.jinja with it")
+        processor.chat_template = family.chat_template
+    return processor
 
 
-# Families whose rows Strata's data path (chat rendering, collate, pooled features) can encode today;
-# the rest are recognised, placed and inspected (`strata backbone inspect`) but not yet trained.
-TRAINED_FAMILIES = ("llava",)
+# Model types whose rows Strata's data path (chat rendering, batching, pooled features) is tested on
+# (tests/backbone/test_family_training.py); the other families are recognised, placed and inspected
+# (`strata backbone inspect`) but not yet trained. SmolVLM shares Idefics3's description, but its
+# processor class wants a video processor, which needs torchvision.
+TRAINED_TYPES = ("llava", "qwen2_vl", "idefics3")
 
 
 def trainable_family(path: Path) -> Family:
     """The family of the checkpoint at `path`, refusing one that Strata cannot train yet."""
-    family = family_of(read_config(path))
-    if family.name not in TRAINED_FAMILIES:
-        raise ValueError(f"{path}: a {family.name} checkpoint. Strata recognises this family (`strata backbone "
-                         f"inspect` shows where adapters land) but cannot train, evaluate or serve it yet: its chat "
-                         f"rendering and batching are not wired. Trained today: {', '.join(TRAINED_FAMILIES)}")
+    config = read_config(path)
+    family = family_of(config)
+    if config.model_type not in TRAINED_TYPES:
+        raise ValueError(f"{path}: a {family.name} checkpoint ({config.model_type}). Strata recognises this "
+                         f"family (`strata backbone inspect` shows where adapters land) but cannot train, evaluate "
+                         f"or serve it yet: its batching is not wired. Trained today: {', '.join(TRAINED_TYPES)}")
     return family
 
 
@@ -188,9 +201,10 @@ def _quiet_int8_cast_warning() -> None:
 
 
 def backbone_hashes(path: Path) -> tuple[str, str]:
-    """SHA-256 over the backbone's config files and over its weight files (cached while they are unchanged)."""
-    files = sorted(f for f in Path(path).glob("*")
-                   if f.suffix in (".json", ".safetensors") and f.name != "strata_recipe.json")
+    """SHA-256 over the backbone's config files (chat template included) and over its weight files (cached
+    while they are unchanged)."""
+    files = sorted(f for f in Path(path).glob("*")  # the chat template decides the tokens, so it counts
+                   if f.suffix in (".json", ".jinja", ".safetensors") and f.name != "strata_recipe.json")
     return _hashes(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 

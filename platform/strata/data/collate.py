@@ -1,4 +1,12 @@
-"""Turn schema rows into model tensors with the shared chat template; loss on answer tokens only."""
+"""Turn schema rows into model tensors with the backbone's chat template; loss on answer tokens only.
+
+Each row keeps its own image tensors, exactly as the processor returned them for its image:
+LLaVA's `pixel_values` (3, H, W), Qwen's variable number of patch rows and their
+`image_grid_thw`, Idefics3's `pixel_attention_mask`. `collate` stacks them, or concatenates them
+where the model takes patch rows of the whole batch in one tensor (Qwen). A per-token image mask
+the processor returns (Qwen's `mm_token_type_ids`, Gemma 3's `token_type_ids`) is kept per row and
+padded with the ids.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +17,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from strata.data.template import render_answer, render_prompt
+from strata.data.template import chat_template, render_answer, render_prompt
 
 IGNORE = -100
 _CHUNK = 512  # rows per processor call: bounds peak memory of decoded images
+TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # per-token image masks some processors return
+PATCH_ROWS = ("pixel_values", "image_grid_thw")  # concatenated across a batch when the processor returns a grid
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -23,13 +33,14 @@ def decode_image(data: bytes) -> Image.Image:
 
 @dataclass
 class Encoded:
-    """A whole table tokenized once: per-row id lists and one stacked pixel tensor."""
+    """A whole table tokenized once: per-row id lists and per-row image tensors."""
 
     input_ids: list[list[int]]
     labels: list[list[int]]
-    pixel_values: torch.Tensor  # (N, 3, H, W)
+    images: dict[str, list[torch.Tensor]]  # processor output name -> one tensor per row
     answers: list[str]
     prompt_lengths: list[int]
+    token_types: dict[str, list[list[int]]]  # e.g. Qwen's mm_token_type_ids: per row, over the prompt
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,18 +50,35 @@ class Encoded:
         return Encoded(
             [self.input_ids[i] for i in idx],
             [self.labels[i] for i in idx],
-            self.pixel_values[idx],
+            {k: [v[i] for i in idx] for k, v in self.images.items()},
             [self.answers[i] for i in idx],
             [self.prompt_lengths[i] for i in idx],
+            {k: [v[i] for i in idx] for k, v in self.token_types.items()},
         )
+
+
+def _rows(out, n: int) -> dict[str, list[torch.Tensor]]:
+    """The processor's image outputs for a chunk of `n` one-image rows, split per row."""
+    rows = {}
+    if "image_grid_thw" in out:  # Qwen: every image's patch rows, one after another
+        rows["pixel_values"] = list(torch.split(out["pixel_values"], out["image_grid_thw"].prod(-1).tolist()))
+        rows["image_grid_thw"] = list(out["image_grid_thw"].split(1))
+    for key, value in out.items():
+        if key not in rows and key not in ("input_ids", "attention_mask", *TOKEN_TYPES):
+            if len(value) != n:
+                raise ValueError(f"the processor's {key!r} has {len(value)} entries for {n} rows; "
+                                 "Strata batches one image per row")
+            rows[key] = list(value)
+    return rows
 
 
 def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
     """Tokenize prompts (+answers) and preprocess images of every row of a schema table."""
-    tok = processor.tokenizer
+    tok, template = processor.tokenizer, chat_template(processor)
     ids: list[list[int]] = []
     labels: list[list[int]] = []
-    pixels: list[torch.Tensor] = []
+    images: dict[str, list[torch.Tensor]] = {}
+    types: dict[str, list[list[int]]] = {}
     prompt_lengths: list[int] = []
     rows = table.select(["image", "prompt", "answer"]).to_pylist()
     for start in range(0, len(rows), _CHUNK):
@@ -58,18 +86,23 @@ def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
         if any(r["image"] is None for r in chunk):
             # Text-only rows need a vision-free forward; the built-in stream never has them.
             raise ValueError("text-only rows (null image) are not supported by the trainer yet")
-        images = [decode_image(r["image"]) for r in chunk]
-        texts = [render_prompt(r["prompt"], has_image=True) for r in chunk]
-        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        pixels.append(enc["pixel_values"])
+        texts = [render_prompt(template, r["prompt"], has_image=True) for r in chunk]
+        enc = processor(text=texts, images=[decode_image(r["image"]) for r in chunk], return_tensors="pt",
+                        padding=True)
+        for key, value in _rows(enc, len(chunk)).items():
+            images.setdefault(key, []).extend(value)
         mask = enc["attention_mask"].bool()
-        for row, prompt_ids, m in zip(chunk, enc["input_ids"], mask):
+        for i, (row, prompt_ids, m) in enumerate(zip(chunk, enc["input_ids"], mask)):
             p = prompt_ids[m].tolist()
-            a = tok(render_answer(row["answer"]), add_special_tokens=False)["input_ids"] if with_answers else []
+            answer = render_answer(template, row["prompt"], row["answer"], tok.eos_token) if with_answers else ""
+            a = tok(answer, add_special_tokens=False)["input_ids"] if with_answers else []
             ids.append(p + a)
             labels.append([IGNORE] * len(p) + a)
             prompt_lengths.append(len(p))
-    return Encoded(ids, labels, torch.cat(pixels), [r["answer"] for r in rows], prompt_lengths)
+            for key in TOKEN_TYPES:
+                if key in enc:
+                    types.setdefault(key, []).append(enc[key][i][m].tolist())
+    return Encoded(ids, labels, images, [r["answer"] for r in rows], prompt_lengths, types)
 
 
 def collate(enc: Encoded, pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
@@ -79,14 +112,14 @@ def collate(enc: Encoded, pad_id: int, left_pad: bool = False) -> dict[str, torc
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
+    types = {key: torch.zeros((n, width), dtype=torch.long) for key in enc.token_types}
     for i, (x, y) in enumerate(zip(enc.input_ids, enc.labels)):
         sl = slice(width - len(x), width) if left_pad else slice(0, len(x))
         input_ids[i, sl] = torch.tensor(x)
         labels[i, sl] = torch.tensor(y)
         attention[i, sl] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "pixel_values": enc.pixel_values,
-        "labels": labels,
-    }
+        for key, rows in enc.token_types.items():  # answer tokens are text: type 0
+            types[key][i, sl.start : sl.start + len(rows[i])] = torch.tensor(rows[i])
+    grid = "image_grid_thw" in enc.images
+    images = {k: torch.cat(v) if grid and k in PATCH_ROWS else torch.stack(v) for k, v in enc.images.items()}
+    return {"input_ids": input_ids, "attention_mask": attention, **images, **types, "labels": labels}

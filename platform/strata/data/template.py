@@ -1,33 +1,79 @@
-"""The one chat template, shared by training, evaluation and serving.
+"""Chat rendering, shared by training, evaluation and serving: the backbone's own chat template.
 
-Every consumer renders a row with `render_prompt` and (for training) appends `render_answer`;
-the loss covers only the answer tokens, so the boundary between the two must be exact.
+Every consumer renders a row's prompt with `render_prompt` and, for training, appends
+`render_answer`. Both come from one rendering of the conversation by the processor's chat template
+(`processor.chat_template`; `strata.backbone.load` gives a processor saved without one its
+family's default, LLaVA-1.5's turns for the llava family), so evaluation and serving see exactly
+what training saw. The loss covers only the answer tokens, so the boundary between the two must be
+exact: the answer is what the template writes after the generation prompt, up to and including the
+end of sequence.
 """
 
 from __future__ import annotations
 
-IMAGE_TOKEN = "<image>"
-USER = "USER:"
-ASSISTANT = "ASSISTANT:"
-EOS = "</s>"
+from transformers.utils.chat_template_utils import render_jinja_template
+
+IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder (the built-in backbone's tokenizer has it)
+EOS = "</s>"  # LLaVA's end of sequence
+USER, ASSISTANT = "USER:", "ASSISTANT:"  # LLaVA-1.5's turn markers (join_turns folds earlier turns with them)
+# LLaVA-1.5's conversation: "USER: <image>\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT:".
+LLAVA_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{{- 'USER: ' -}}"
+    "{%- for c in m['content'] -%}{%- if c['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{{- ' ASSISTANT:' -}}"
+    "{%- else -%}"
+    "{{- ' ' -}}{%- for c in m['content'] -%}{%- if c['type'] == 'text' -%}{{- c['text'] -}}{%- endif -%}{%- endfor -%}"
+    "{{- '</s>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
-def render_prompt(prompt: str, has_image: bool) -> str:
-    """Wrap one instruction (with any earlier turns already inside it) as the model's prompt."""
-    image = f"{IMAGE_TOKEN}\n" if has_image else ""
-    return f"{USER} {image}{prompt.strip()} {ASSISTANT}"
+def chat_template(processor) -> str:
+    """The processor's chat template; a processor without one cannot render a conversation."""
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        raise ValueError(f"{type(processor).__name__} has no chat template: load it with "
+                         "strata.backbone.load, which gives it its family's default, or save one with the model")
+    return template
 
 
-def render_answer(answer: str) -> str:
-    """The target continuation: a leading space, the answer, then end-of-sequence."""
-    return f" {answer.strip()}{EOS}"
+def _user(text: str, has_image: bool) -> dict:
+    parts = [{"type": "image"}] if has_image else []
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text.strip()}]}
+
+
+def _render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=add_generation_prompt)
+    return rendered[0]
+
+
+def render_prompt(template: str, prompt: str, has_image: bool) -> str:
+    """One instruction (earlier turns already folded into it) as the model's prompt, up to the answer."""
+    return _render(template, [_user(prompt, has_image)], add_generation_prompt=True)
+
+
+def render_answer(template: str, prompt: str, answer: str, eos: str) -> str:
+    """The target continuation of `render_prompt`: the answer as the template writes it, through `eos`."""
+    head = render_prompt(template, prompt, has_image=True)
+    whole = _render(template, [_user(prompt, True), {"role": "assistant", "content": [
+        {"type": "text", "text": answer.strip()}]}], add_generation_prompt=False)
+    if not whole.startswith(head) or eos not in whole[len(head):]:
+        raise ValueError("the chat template does not write the answer after its generation prompt, ended by "
+                         f"{eos!r}; Strata cannot tell the answer tokens apart for the loss")
+    tail = whole[len(head):]
+    return tail[: tail.index(eos) + len(eos)]
 
 
 def join_turns(history: list[tuple[str, str]], question: str) -> str:
     """Fold earlier (question, answer) turns and the current question into one prompt string.
 
     The outer USER:/ASSISTANT: of the last turn is added by `render_prompt`, so the result reads
-    as one multi-turn conversation once rendered.
+    as one multi-turn conversation once rendered with LLaVA's template. Other families' templates
+    see the folded turns as one user message (multi-turn rows are LLaVA-only so far).
     """
     parts = []
     for q, a in history:

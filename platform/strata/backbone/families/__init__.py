@@ -52,6 +52,9 @@ class Family:
     vision_parts: tuple[str, ...]  # the model's top-level vision-side modules: tower(s) and projector
     depth: Callable[[Any], int] = every_layer  # vision layers that feed the LM
     text_linears: str = LM_LINEARS
+    chat_template: str | None = None  # for a processor saved without one
+    # How to load the processor from a directory; None: transformers' AutoProcessor.
+    load_processor: Callable[[Any], Any] | None = None
     note: str = ""  # what users of this family should know (shown by `strata backbone inspect`)
 
     def vision_block(self, layers: tuple[int, ...]) -> str:

@@ -5,7 +5,33 @@ Qwen2.5-VL's vision MLP uses `gate_proj`, `up_proj` and `down_proj` like the LM.
 here is anchored at its tower, so a side's adapter never lands on the other one.
 """
 
+from pathlib import Path
+
+from transformers import AutoTokenizer, ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
 from strata.backbone.families import Family, register
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without its video half.
+
+    transformers builds a Qwen processor only with a video processor, and video processors need
+    torchvision, which has no build for a CPU-only torch. Strata passes images only, so this class
+    leaves the video processor out; everything else is Qwen2VLProcessor's.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
+        self.image_token, self.video_token = tokenizer.image_token, tokenizer.video_token
+        self.image_token_id, self.video_token_id = tokenizer.image_token_id, tokenizer.video_token_id
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def load_processor(path) -> ImageOnlyQwen2VLProcessor:
+    """A Qwen2-VL or Qwen2.5-VL checkpoint's processor, images only, with the PIL image processor."""
+    template = Path(path) / "chat_template.jinja"
+    return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                                     template.read_text() if template.exists() else None)
+
 
 _COMMON = {
     "vision_layers": r"visual\.blocks",
@@ -13,6 +39,7 @@ _COMMON = {
     "projector": r"visual\.merger\.mlp\.[02]",
     "projector_block": "visual.merger",
     "vision_parts": ("visual",),
+    "load_processor": load_processor,
 }
 
 QWEN2_VL = register(Family(

@@ -1,0 +1,104 @@
+"""Families beside LLaVA on Strata's data path: tiny random Qwen2-VL and Idefics3 checkpoints, saved
+as a hub checkpoint is laid out, then rendered with their own chat templates, batched, trained,
+decoded, pooled for the router, and reloaded with plain PEFT."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+import torch
+from family_models import save_checkpoint
+from peft import PeftModel
+from PIL import Image
+from reporting import Collector
+from transformers import AutoModelForImageTextToText
+
+from strata.backbone.features import FEATURE_PARTS, pooled_features
+from strata.backbone.load import load_backbone
+from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
+from strata.data.benchmark import generate_task
+from strata.data.collate import IGNORE, collate, encode_table
+from strata.generation import generate
+from strata.hooks import TaskContext
+from strata.strategies import make_strategy
+from strata.train.loop import train_task
+
+FAMILIES = {"qwen2_vl": ("<|im_start|>assistant\n", "<|im_end|>"), "idefics3": ("Assistant:", "<end_of_utterance>")}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def checkpoint(request, tmp_path_factory) -> tuple[str, Path]:
+    path = tmp_path_factory.mktemp(request.param)
+    save_checkpoint(request.param, path)
+    return request.param, path
+
+
+def rows(split: str, n: int = 24) -> pa.Table:
+    table = generate_task("colour", 0, n_train=n, n_val=0, n_test=n)
+    return table.filter(pc.equal(table["split"], split))
+
+
+def test_the_answer_boundary_follows_the_familys_own_template(checkpoint) -> None:
+    model_type, path = checkpoint
+    _, processor = load_backbone(BackboneSpec(str(path)), path)
+    generation_prompt, eos = FAMILIES[model_type]
+    table = rows("train", 4)
+    enc, bare = encode_table(processor, table, with_answers=True), encode_table(processor, table, with_answers=False)
+    tok = processor.tokenizer
+    for i, answer in enumerate(table["answer"].to_pylist()):
+        n = enc.prompt_lengths[i]
+        assert tok.decode(enc.input_ids[i][:n]).endswith(generation_prompt)
+        assert enc.labels[i][:n] == [IGNORE] * n
+        assert tok.decode(enc.labels[i][n:]).strip() == f"{answer}{eos}"  # the answer and its end, nothing else
+        assert bare.input_ids[i] == enc.input_ids[i][:n]  # evaluation and serving prompt exactly as training did
+        whole = tok(tok.decode(enc.input_ids[i]), add_special_tokens=False)["input_ids"]
+        assert whole == enc.input_ids[i]  # tokenizing the rendered text in one piece gives the same ids
+
+
+def test_it_trains_decodes_routes_and_reloads_with_plain_peft(checkpoint, tmp_path: Path) -> None:
+    _, path = checkpoint
+    model, processor = load_backbone(BackboneSpec(str(path)), path)
+    seqlora = make_strategy("seqlora", RunConfig(strategies=("seqlora",), adapter=AdapterSpec(visual_rank=4, text_rank=4)))
+    report = Collector(tmp_path / "kept")
+    cfg = TrainConfig(steps=30, batch_size=8, lr=5e-3, checkpoint_every=0, report_every=1)
+    train_task(model, processor, seqlora, TaskContext(0, "colour", (), {}, str(tmp_path / "state")), rows("train"),
+               cfg, report)
+    losses = [m["loss"] for m, _ in report.reports]
+    assert losses[-1] < losses[0] - 0.5, losses
+    test = encode_table(processor, rows("test", 8), with_answers=False)
+    answers = generate(model, processor, test, 4)
+    assert all(a.finish_reason in ("stop", "length") for a in answers) and any(a.tokens for a in answers)
+    assert pooled_features(model, processor, test).shape == (len(test), FEATURE_PARTS * model.config.text_config.hidden_size)
+    # The saved adapter is plain PEFT: it loads onto the family's own model class and gives the same logits.
+    adapter = report.reports[-1][1] / "adapter"
+    fresh = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(path), adapter).eval()
+    batch = collate(test, processor.tokenizer.pad_token_id)
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_qwen_batches_images_of_different_sizes(tmp_path: Path) -> None:
+    save_checkpoint("qwen2_vl", tmp_path)
+    model, processor = load_backbone(BackboneSpec(str(tmp_path)), tmp_path)
+    pictures = []
+    for size in ((48, 48), (64, 32), (32, 64)):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
+        pictures.append(buffer.getvalue())
+    table = pa.table({"image": pictures, "prompt": ["What colour is it?"] * 3, "answer": ["red"] * 3})
+    enc = encode_table(processor, table, with_answers=True)
+    patches = [len(p) for p in enc.images["pixel_values"]]
+    assert len(set(patches)) > 1  # each image keeps its own number of patch rows
+    batch = collate(enc.select([2, 0, 1]), processor.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[0] == sum(patches) and batch["image_grid_thw"].shape == (3, 3)
+    image_tokens = (batch["input_ids"] == model.config.image_token_id).sum(1)
+    assert torch.equal(batch["mm_token_type_ids"].sum(1), image_tokens)
+    assert image_tokens.tolist() == [p // 4 for p in (patches[2], patches[0], patches[1])]  # 2x2 patches merge into one
+    with torch.no_grad():
+        alone = model(**collate(enc.select([0]), processor.tokenizer.pad_token_id)).loss
+        assert torch.isfinite(model(**batch).loss) and torch.isfinite(alone)
