@@ -102,3 +102,41 @@ def test_qwen_batches_images_of_different_sizes(tmp_path: Path) -> None:
     with torch.no_grad():
         alone = model(**collate(enc.select([0]), processor.tokenizer.pad_token_id)).loss
         assert torch.isfinite(model(**batch).loss) and torch.isfinite(alone)
+
+
+@torch.no_grad()
+def test_a_mixed_adapter_batch_on_qwen_matches_peft_row_by_row(tmp_path: Path) -> None:
+    """Serving's gathered LoRA on a tower that takes all images' patch rows in one tensor."""
+    from strata.adapters.lora import add_adapter
+    from strata.serving.mixed_lora import MixedLoRA
+
+    save_checkpoint("qwen2_vl", tmp_path)
+    model, processor = load_backbone(BackboneSpec(str(tmp_path)), tmp_path)
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        model = add_adapter(model, name, AdapterSpec(visual_rank=4, text_rank=2))
+        for n, p in model.named_parameters():
+            if f"lora_B.{name}." in n:
+                p.normal_(0, 0.5)  # PEFT starts B at zero: give each adapter a real, distinct update
+    enc = encode_table(processor, rows("test", 5), with_answers=False)
+    adapters = ["a", None, "b", "a", "b"]
+    tok = processor.tokenizer
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    batch = collate(enc, tok.pad_token_id, left_pad=True)
+    batch.pop("labels")
+    patches = [len(p) for p in enc.images["pixel_values"]]
+    with MixedLoRA(model).select(adapters, patches) as mixed:
+        together = mixed.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+        logits = mixed(**batch).logits[:, -1]
+    for i, name in enumerate(adapters):
+        row = collate(enc.select([i]), tok.pad_token_id, left_pad=True)
+        row.pop("labels")
+        if name is None:
+            with model.disable_adapter():
+                alone, last = model.generate(**row, **kw), model(**row).logits[0, -1]
+        else:
+            model.set_adapter(name)
+            alone, last = model.generate(**row, **kw), model(**row).logits[0, -1]
+        torch.testing.assert_close(logits[i], last, atol=1e-4, rtol=1e-4)
+        assert together[i].tolist() == alone[0, row["input_ids"].shape[1]:].tolist(), i
+    assert not torch.allclose(logits[0], logits[2], atol=1e-3)  # the adapters really differ

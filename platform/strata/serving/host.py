@@ -217,6 +217,7 @@ class AdapterHost:
 
     def _generate(self, enc, names: list[str], requests: list[Request],
                   temperature: float) -> list[tuple[str, list[int], str]]:
-        with self.mixed.select(names) as model:
+        flat = "image_grid_thw" in enc.images  # Qwen's tower takes every image's patch rows in one tensor
+        with self.mixed.select(names, [len(p) for p in enc.images["pixel_values"]] if flat else None) as model:
             out = generate(model, self.processor, enc, [r.max_tokens for r in requests], temperature)
         return [(g.text, g.tokens, g.finish_reason) for g in out]

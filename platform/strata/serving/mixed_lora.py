@@ -38,6 +38,7 @@ class MixedLoRA:
         self.names: list[str] = []
         self.stacks: dict[torch.nn.Module, Stack] = {}
         self.rows: torch.Tensor | None = None  # the current batch's slot per row
+        self.patch_rows: list[int] | None = None  # the current batch's patch rows per image, where the tower takes them flat
 
     def refresh(self) -> None:
         """Re-find the LoRA layers and re-stack them after adapters were loaded or deleted."""
@@ -79,11 +80,15 @@ class MixedLoRA:
         return torch.tensor([bare if a is None else self.names.index(a) for a in adapters])
 
     @contextlib.contextmanager
-    def select(self, adapters: list[str | None]) -> Iterator[PeftModel]:
-        """Run the block with row i of every batch using `adapters[i]`."""
+    def select(self, adapters: list[str | None], patch_rows: list[int] | None = None) -> Iterator[PeftModel]:
+        """Run the block with row i of every batch using `adapters[i]`.
+
+        `patch_rows[i]` is how many patch rows row i's image has, for towers that take the patch
+        rows of every image in one (rows, dim) tensor (Qwen's); None for batch-shaped towers.
+        """
         if list(self.model.peft_config) != self.seen:
             self.refresh()
-        self.rows = self.slots(adapters)
+        self.rows, self.patch_rows = self.slots(adapters), patch_rows
         hooks = [layer.register_forward_hook(self._add_delta) for layer in self.layers]
         try:
             with self.model.disable_adapter():
@@ -91,16 +96,25 @@ class MixedLoRA:
         finally:
             for h in hooks:
                 h.remove()
-            self.rows = None
+            self.rows = self.patch_rows = None
+
+    def _slots_for(self, n: int) -> torch.Tensor:
+        """The slot of each of the `n` leading rows a layer sees: one per batch row, or one per patch row."""
+        if n == len(self.rows):
+            return self.rows
+        for merge in (1, 4):  # Qwen's tower before its 2x2 patch merge, and the merger's MLP after it
+            counts = [p // merge for p in self.patch_rows or []]
+            if counts and sum(counts) == n:
+                return self.rows.repeat_interleave(torch.tensor(counts))
+        raise RuntimeError(f"a batch of {n} rows reached a LoRA layer, but {len(self.rows)} adapters were selected "
+                           f"(patch rows per image: {self.patch_rows})")
 
     def _add_delta(self, layer, args, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        if x.shape[0] != len(self.rows):
-            raise RuntimeError(f"a batch of {x.shape[0]} rows reached a LoRA layer, but {len(self.rows)} "
-                               "adapters were selected")
+        rows = self._slots_for(x.shape[0])
         s = self.stacks[layer]
-        A, B = s.A.to(x.device, x.dtype)[self.rows], s.B.to(x.device, x.dtype)[self.rows]  # (N, r, in), (N, out, r)
+        A, B = s.A.to(x.device, x.dtype)[rows], s.B.to(x.device, x.dtype)[rows]  # (N, r, in), (N, out, r)
         flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (N, tokens, in)
         delta = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))  # (N, tokens, out)
-        delta = delta * s.scale.to(x.device, x.dtype)[self.rows].view(-1, 1, 1)
+        delta = delta * s.scale.to(x.device, x.dtype)[rows].view(-1, 1, 1)
         return output + delta.reshape(*x.shape[:-1], -1).to(output.dtype)
