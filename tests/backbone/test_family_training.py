@@ -140,3 +140,45 @@ def test_a_mixed_adapter_batch_on_qwen_matches_peft_row_by_row(tmp_path: Path) -
         torch.testing.assert_close(logits[i], last, atol=1e-4, rtol=1e-4)
         assert together[i].tolist() == alone[0, row["input_ids"].shape[1]:].tolist(), i
     assert not torch.allclose(logits[0], logits[2], atol=1e-3)  # the adapters really differ
+
+
+def test_qlora_quantizes_the_lm_only_and_trains(checkpoint, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    from strata.backbone.families import family_of
+
+    _, path = checkpoint
+    model, processor = load_backbone(BackboneSpec(str(path), quantization="4bit"), path)
+    family = family_of(model.config)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 21 and not any(family.is_vision(n) for n in quantized)  # 3 LM layers x 7 linears
+    report = Collector()
+    seqlora = make_strategy("seqlora", RunConfig(strategies=("seqlora",), adapter=AdapterSpec(visual_rank=4, text_rank=4)))
+    train_task(model, processor, seqlora, TaskContext(0, "colour", (), {}, str(tmp_path)), rows("train"),
+               TrainConfig(steps=20, batch_size=8, lr=5e-3, checkpoint_every=0, report_every=1), report)
+    losses = [m["loss"] for m, _ in report.reports]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+@pytest.mark.integration
+def test_strata_run_learns_a_stream_on_a_qwen_checkpoint(tmp_path: Path) -> None:
+    """The whole pipeline (registry, gate, Decoupled's router) on a family other than LLaVA."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from strata import cli
+    from strata.backbone.load import fingerprint
+
+    save_checkpoint("qwen2_vl", tmp_path / "qwen")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli.app, ["run", "--backbone", str(tmp_path / "qwen"), "--tasks", "2", "--steps", "10",
+                                          "--test-rows", "16", "--strategy", "seqlora", "--strategy", "decoupled",
+                                          "--executor", "local", "--gate", "report", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["decoupled"]["router_accuracy"] >= 50.0
+    assert all(len(summary[s]["accuracy_matrix"]) == 2 for s in ("seqlora", "decoupled"))
+    cards = [json.loads(c.read_text()) for c in (out / "registry").rglob("card.json")]
+    assert len(cards) == 4  # 2 strategies x 2 tasks, each pinned to this backbone
+    assert {c["backbone"]["fingerprint"] for c in cards} == {fingerprint(tmp_path / "qwen")}
