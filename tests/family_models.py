@@ -82,7 +82,7 @@ def tokenizer(specials: list[str], extra: dict[str, str], **named):
 
 def save_checkpoint(model_type: str, path) -> None:
     """A tiny random checkpoint of `model_type` with its processor and chat template, as a hub one is laid out."""
-    if model_type == "qwen2_vl":
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
         from strata.backbone.families.qwen2_vl import ImageOnlyQwen2VLProcessor
 
         tok = tokenizer(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -92,7 +92,7 @@ def save_checkpoint(model_type: str, path) -> None:
         images = transformers.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2,
                                                        size={"shortest_edge": side, "longest_edge": side})
         processor = ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tok, chat_template=QWEN_CHAT)
-        config = CONFIGS["qwen2_vl"]()
+        config = CONFIGS[model_type]()
         ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
         for key, token in ids.items():
