@@ -57,6 +57,11 @@ QWEN_CHAT = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GEMMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
+    "<start_of_turn>{{ role }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 IDEFICS3_CHAT = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %} {{ c['text'] }}{% endif %}{% endfor %}"
@@ -107,6 +112,19 @@ def save_checkpoint(model_type: str, path) -> None:
                                                    chat_template=IDEFICS3_CHAT)
         config = CONFIGS["idefics3"]()
         config.image_token_id = tok.convert_tokens_to_ids("<image>")
+    elif model_type == "gemma3":
+        tok = tokenizer(["<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                         "<image_soft_token>"], {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                                 "image_token": "<image_soft_token>"},
+                        bos_token="<bos>", eos_token="<end_of_turn>")
+        images = transformers.Gemma3ImageProcessorPil(size={"height": 48, "width": 48})
+        processor = transformers.Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=9,
+                                                 chat_template=GEMMA3_CHAT)
+        config = CONFIGS["gemma3"]()
+        ids = {"image_token_index": "<image_soft_token>", "boi_token_index": "<start_of_image>",
+               "eoi_token_index": "<end_of_image>"}
+        for key, token in ids.items():
+            setattr(config, key, tok.convert_tokens_to_ids(token))
     else:
         raise ValueError(f"no checkpoint recipe for {model_type!r}")
     text = config.text_config

@@ -1,4 +1,4 @@
-"""Families beside LLaVA on Strata's data path: tiny random Qwen2-VL, Qwen2.5-VL and Idefics3 checkpoints, saved
+"""Families beside LLaVA on Strata's data path: tiny random Qwen2-VL, Qwen2.5-VL, Idefics3 and Gemma 3 checkpoints, saved
 as a hub checkpoint is laid out, then rendered with their own chat templates, batched, trained,
 decoded, pooled for the router, and reloaded with plain PEFT."""
 
@@ -28,7 +28,8 @@ from strata.strategies import make_strategy
 from strata.train.loop import train_task
 
 QWEN = ("<|im_start|>assistant\n", "<|im_end|>")
-FAMILIES = {"qwen2_vl": QWEN, "qwen2_5_vl": QWEN, "idefics3": ("Assistant:", "<end_of_utterance>")}
+FAMILIES = {"qwen2_vl": QWEN, "qwen2_5_vl": QWEN, "idefics3": ("Assistant:", "<end_of_utterance>"),
+            "gemma3": ("<start_of_turn>model\n", "<end_of_turn>")}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -9,7 +9,7 @@ import torch
 from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task
 from strata.data.collate import IGNORE, collate, decode_image, encode_table
-from strata.data.template import EOS, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
+from strata.data.template import EOS, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_labels_cover_answer_tokens_only(loaded, table, encoded) -> None:
     tok = loaded[1].tokenizer
     for i, row in enumerate(table.to_pylist()):
         ids, labels, n_prompt = encoded.input_ids[i], encoded.labels[i], encoded.prompt_lengths[i]
-        answer = render_answer(LLAVA_CHAT_TEMPLATE, row["prompt"], row["answer"], EOS)
+        answer = render_answer(LLAVA_CHAT, row["prompt"], row["answer"])
         answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(labels) == n_prompt + len(answer_ids)
         assert labels[:n_prompt] == [IGNORE] * n_prompt
@@ -49,7 +49,7 @@ def test_prompt_is_the_shared_template(loaded, table, encoded) -> None:
     processor = loaded[1]
     for i, row in enumerate(table.to_pylist()):
         assert processor.chat_template == LLAVA_CHAT_TEMPLATE  # its own (the recipe saves it), or the llava default
-        alone = processor(text=[render_prompt(LLAVA_CHAT_TEMPLATE, row["prompt"], has_image=True)],
+        alone = processor(text=[render_prompt(LLAVA_CHAT, row["prompt"], has_image=True)],
                           images=[decode_image(row["image"])], return_tensors="pt")
         assert encoded.input_ids[i][: encoded.prompt_lengths[i]] == alone["input_ids"][0].tolist()
         text = processor.tokenizer.decode(encoded.input_ids[i][: encoded.prompt_lengths[i]])

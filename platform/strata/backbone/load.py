@@ -89,7 +89,7 @@ def load_processor(path: Path, family: Family):
 # (tests/backbone/test_family_training.py); the other families are recognised, placed and inspected
 # (`strata backbone inspect`) but not yet trained. SmolVLM shares Idefics3's description, but its
 # processor class wants a video processor, which needs torchvision.
-TRAINED_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3")
+TRAINED_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
 
 
 def trainable_family(path: Path) -> Family:
@@ -97,7 +97,7 @@ def trainable_family(path: Path) -> Family:
     config = read_config(path)
     family = family_of(config)
     if config.model_type not in TRAINED_TYPES:
-        raise ValueError(f"{path}: a {family.name} checkpoint ({config.model_type}). Strata recognises this "
+        raise ValueError(f"{path}: model type {config.model_type!r} (family {family.name}). Strata recognises this "
                          f"family (`strata backbone inspect` shows where adapters land) but cannot train, evaluate "
                          f"or serve it yet: its batching is not wired. Trained today: {', '.join(TRAINED_TYPES)}")
     return family

@@ -43,7 +43,7 @@ from transformers import (
 
 from strata.data import pretraining
 from strata.data.collate import collate, encode_table
-from strata.data.template import EOS, IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
+from strata.data.template import EOS, IMAGE_TOKEN, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
 
 RECIPE_VERSION = "8"  # bump when the code below changes what a recipe produces
 SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
@@ -103,8 +103,8 @@ def tokenizer_text(rows: list[pretraining.Row]) -> list[str]:
     """The tokenizer's training text: English words and the pretraining rows, in the chat template,
     so its words and markers become whole tokens. Nothing of the built-in stream: changing a
     task's wording must not change the backbone."""
-    chat = LLAVA_CHAT_TEMPLATE
-    return [render_prompt(chat, t, has_image=True) + render_answer(chat, t, t, EOS) for t in pretraining.tokenizer_text(rows)]
+    return [render_prompt(LLAVA_CHAT, t, has_image=True) + render_answer(LLAVA_CHAT, t, t)
+            for t in pretraining.tokenizer_text(rows)]
 
 
 def build_processor(recipe: TinyRecipe, texts: list[str]) -> LlavaProcessor:

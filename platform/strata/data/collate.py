@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from strata.data.template import chat_template, render_answer, render_prompt
+from strata.data.template import Chat, render_answer, render_prompt
 
 IGNORE = -100
 _CHUNK = 512  # rows per processor call: bounds peak memory of decoded images
@@ -74,7 +74,7 @@ def _rows(out, n: int) -> dict[str, list[torch.Tensor]]:
 
 def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
     """Tokenize prompts (+answers) and preprocess images of every row of a schema table."""
-    tok, template = processor.tokenizer, chat_template(processor)
+    tok, chat = processor.tokenizer, Chat.of(processor)
     ids: list[list[int]] = []
     labels: list[list[int]] = []
     images: dict[str, list[torch.Tensor]] = {}
@@ -86,16 +86,17 @@ def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
         if any(r["image"] is None for r in chunk):
             # Text-only rows need a vision-free forward; the built-in stream never has them.
             raise ValueError("text-only rows (null image) are not supported by the trainer yet")
-        texts = [render_prompt(template, r["prompt"], has_image=True) for r in chunk]
-        enc = processor(text=texts, images=[decode_image(r["image"]) for r in chunk], return_tensors="pt",
-                        padding=True)
+        texts = [render_prompt(chat, r["prompt"], has_image=True) for r in chunk]
+        # One list per row: Gemma 3's processor needs them nested, and the others take them so too.
+        enc = processor(text=texts, images=[[decode_image(r["image"])] for r in chunk], return_tensors="pt",
+                        padding=True, add_special_tokens=False)
         for key, value in _rows(enc, len(chunk)).items():
             images.setdefault(key, []).extend(value)
         mask = enc["attention_mask"].bool()
         for i, (row, prompt_ids, m) in enumerate(zip(chunk, enc["input_ids"], mask)):
             p = prompt_ids[m].tolist()
-            answer = render_answer(template, row["prompt"], row["answer"], tok.eos_token) if with_answers else ""
-            a = tok(answer, add_special_tokens=False)["input_ids"] if with_answers else []
+            a = tok(render_answer(chat, row["prompt"], row["answer"]), add_special_tokens=False)["input_ids"] \
+                if with_answers else []
             ids.append(p + a)
             labels.append([IGNORE] * len(p) + a)
             prompt_lengths.append(len(p))

@@ -11,6 +11,8 @@ end of sequence.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from transformers.utils.chat_template_utils import render_jinja_template
 
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder (the built-in backbone's tokenizer has it)
@@ -32,13 +34,31 @@ LLAVA_CHAT_TEMPLATE = (
 )
 
 
-def chat_template(processor) -> str:
-    """The processor's chat template; a processor without one cannot render a conversation."""
-    template = getattr(processor, "chat_template", None)
-    if not template:
-        raise ValueError(f"{type(processor).__name__} has no chat template: load it with "
-                         "strata.backbone.load, which gives it its family's default, or save one with the model")
-    return template
+@dataclass(frozen=True)
+class Chat:
+    """A backbone's chat template with the special tokens it may write (bos_token, eos_token, ...)."""
+
+    template: str
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def eos(self) -> str:
+        """The end of an answer: the tokenizer's end of sequence."""
+        return self.tokens["eos_token"]
+
+    @classmethod
+    def of(cls, processor) -> Chat:
+        """The processor's chat template; a processor without one cannot render a conversation."""
+        template = getattr(processor, "chat_template", None)
+        if not template:
+            raise ValueError(f"{type(processor).__name__} has no chat template: load it with "
+                             "strata.backbone.load, which gives it its family's default, or save one with the model")
+        tok = processor.tokenizer
+        named = {k: getattr(tok, k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return cls(template, {k: v for k, v in named.items() if isinstance(v, str)})
+
+
+LLAVA_CHAT = Chat(LLAVA_CHAT_TEMPLATE, {"eos_token": EOS})
 
 
 def _user(text: str, has_image: bool) -> dict:
@@ -46,26 +66,27 @@ def _user(text: str, has_image: bool) -> dict:
     return {"role": "user", "content": [*parts, {"type": "text", "text": text.strip()}]}
 
 
-def _render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=add_generation_prompt)
+def _render(chat: Chat, messages: list[dict], add_generation_prompt: bool) -> str:
+    rendered, _ = render_jinja_template([messages], chat_template=chat.template,
+                                        add_generation_prompt=add_generation_prompt, **chat.tokens)
     return rendered[0]
 
 
-def render_prompt(template: str, prompt: str, has_image: bool) -> str:
+def render_prompt(chat: Chat, prompt: str, has_image: bool) -> str:
     """One instruction (earlier turns already folded into it) as the model's prompt, up to the answer."""
-    return _render(template, [_user(prompt, has_image)], add_generation_prompt=True)
+    return _render(chat, [_user(prompt, has_image)], add_generation_prompt=True)
 
 
-def render_answer(template: str, prompt: str, answer: str, eos: str) -> str:
-    """The target continuation of `render_prompt`: the answer as the template writes it, through `eos`."""
-    head = render_prompt(template, prompt, has_image=True)
-    whole = _render(template, [_user(prompt, True), {"role": "assistant", "content": [
+def render_answer(chat: Chat, prompt: str, answer: str) -> str:
+    """The target continuation of `render_prompt`: the answer as the template writes it, through its end."""
+    head = render_prompt(chat, prompt, has_image=True)
+    whole = _render(chat, [_user(prompt, True), {"role": "assistant", "content": [
         {"type": "text", "text": answer.strip()}]}], add_generation_prompt=False)
-    if not whole.startswith(head) or eos not in whole[len(head):]:
+    if not whole.startswith(head) or chat.eos not in whole[len(head):]:
         raise ValueError("the chat template does not write the answer after its generation prompt, ended by "
-                         f"{eos!r}; Strata cannot tell the answer tokens apart for the loss")
+                         f"{chat.eos!r}; Strata cannot tell the answer tokens apart for the loss")
     tail = whole[len(head):]
-    return tail[: tail.index(eos) + len(eos)]
+    return tail[: tail.index(chat.eos) + len(chat.eos)]
 
 
 def join_turns(history: list[tuple[str, str]], question: str) -> str:
