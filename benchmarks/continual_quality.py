@@ -367,19 +367,24 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_conflict(base: RunConfig, seeds: list[int], results: Path, steps: int, console: Console) -> dict:
-    """The gradient-conflict probe for MoDE and the coupled MoE-LoRA, per seed (resumable)."""
-    from strata.backbone.load import resolve
+def run_conflict(base: RunConfig, seeds: list[int], results: Path, steps: int, console: Console,
+                 no_run: bool = False) -> dict:
+    """The gradient-conflict probe for MoDE and the coupled MoE-LoRA, per seed (resumable per backbone build)."""
     from strata.data.benchmark import generate_task
     from strata.eval.conflict import probe
 
+    build = resolve(base.backbone).name
     reports = {}
     for seed in seeds:
         path = results / "runs" / "conflict" / f"seed{seed}.json"
-        if not path.exists():
+        current_row = path.exists() and json.loads(path.read_text()).get("backbone_build") == build
+        if not current_row and no_run:
+            console.log(f"conflict probe seed {seed}: not run yet on {build}, left out")
+            continue
+        if not current_row:
             table = generate_task("colour", seed, n_train=64, n_val=0, n_test=0)
             report = probe(base.backbone, resolve(base.backbone), table, options_for(base, "mode"), steps=steps, seed=seed)
-            write_text(path, json.dumps(report, indent=2, default=float))
+            write_text(path, json.dumps({**report, "backbone_build": build}, indent=2, default=float))
         reports[seed] = json.loads(path.read_text())
         console.log(f"conflict probe seed {seed}: done")
     return reports
@@ -511,10 +516,12 @@ def main(argv: list[str] | None = None) -> None:
     if "conflict" in chosen:
         from strata.eval.conflict import conflict_table
 
-        conflict = run_conflict(base, args.seeds, args.results, 1 if args.smoke_test else CONFLICT_STEPS, console)
-        mean = mean_conflict(conflict)
-        console.print(conflict_table(mean))
-        lines = conflict_markdown(mean)
+        conflict = run_conflict(base, args.seeds, args.results, 1 if args.smoke_test else CONFLICT_STEPS, console,
+                                args.no_run)
+        if conflict:
+            mean = mean_conflict(conflict)
+            console.print(conflict_table(mean))
+            lines = conflict_markdown(mean)
     compute = sum(r["wall_seconds"] for configs in raw.values() for rows in configs.values() for r in rows
                   if "copied_from" not in r)
     console.print(f"compute: {compute / 3600:.2f} h of runs in the table (each run's own wall clock)")
