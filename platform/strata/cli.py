@@ -302,24 +302,15 @@ def data_generate(out: Path, seed: int = 0, tasks: int = 8, test_rows: int = 500
 
 
 @backbone_app.command("build")
-def backbone_build(
-    name: str = typer.Argument(..., help="A built-in backbone, e.g. builtin:tiny."),
-    from_recipe: bool = typer.Option(False, "--from-recipe", help="Build from the recipe even where a build ships "
-                                     "with Strata (point STRATA_CACHE at an empty dir to rebuild a cached one)."),
-    ship: bool = typer.Option(False, "--ship", help="Maintainers: then copy the build into the package's "
-                              "shipped/ folder, to commit with a recipe change."),
-) -> None:
-    """Put a built-in backbone in the cache now (a no-op when it is cached), e.g. before `make run`."""
-    from strata.backbone import tiny
+def backbone_build(name: str = typer.Argument(..., help="A built-in backbone, e.g. builtin:tiny.")) -> None:
+    """Build a built-in backbone into the cache now (a no-op when it is cached), e.g. before `make run`."""
+    from strata.backbone.tiny import RECIPES, ensure_builtin
 
-    if name not in tiny.RECIPES:
-        fail(f"unknown built-in backbone {name!r}; expected one of {sorted(tiny.RECIPES)}")
-    total = tiny.RECIPES[name].total_steps
-    path = tiny.ensure_builtin(name, lambda s, loss: console.print(f"step {s}/{total}, loss {loss:.3f}")
-                               if s % 250 == 0 else None, from_recipe=from_recipe)
+    if name not in RECIPES:
+        fail(f"unknown built-in backbone {name!r}; expected one of {sorted(RECIPES)}")
+    total = RECIPES[name].total_steps
+    path = ensure_builtin(name, lambda s, loss: console.print(f"step {s}/{total}, loss {loss:.3f}") if s % 250 == 0 else None)
     console.print(f"ready: {path}")
-    if ship:
-        console.print(f"shipped: {tiny.ship(name, path)}")
 
 
 @backbone_app.command("inspect")

@@ -184,3 +184,10 @@ def test_strata_run_learns_a_stream_on_a_qwen_checkpoint(tmp_path: Path) -> None
     cards = [json.loads(c.read_text()) for c in (out / "registry").rglob("card.json")]
     assert len(cards) == 4  # 2 strategies x 2 tasks, each pinned to this backbone
     assert {c["backbone"]["fingerprint"] for c in cards} == {fingerprint(tmp_path / "qwen")}
+
+
+def test_a_checkpoint_without_a_chat_template_is_refused_unless_its_family_has_one(tmp_path: Path) -> None:
+    save_checkpoint("gemma3", tmp_path)
+    (tmp_path / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match="no chat template, and the gemma3 family has no default"):
+        load_backbone(BackboneSpec(str(tmp_path)), tmp_path)

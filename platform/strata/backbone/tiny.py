@@ -6,10 +6,6 @@ pretraining on procedurally drawn data (strata/data/pretraining.py) in three sta
 tower alone on dense labels; the whole model on captions, questions and rendered words; then the
 whole model on questions that name one object among several. The result is cached under the
 user's cache dir, keyed by the recipe's hash.
-
-The build takes about 16 CPU minutes for `builtin:tiny`, so its result is also committed under
-`shipped/` with the recipe key it was built from; a fresh machine copies it into the cache instead
-of building, as long as the key still matches the recipe below (a test checks that it does).
 """
 
 from __future__ import annotations
@@ -81,8 +77,6 @@ class TinyRecipe:
         blob = json.dumps({"v": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-SHIPPED = Path(__file__).with_name("shipped")  # committed builds: shipped/<name>/, e.g. shipped/tiny/
 
 RECIPES = {
     "builtin:tiny": TinyRecipe(),
@@ -261,19 +255,8 @@ def binding_batches(processor: LlavaProcessor, recipe: TinyRecipe) -> Callable[[
     return lambda: collate(_encode(processor, draw(rng, pretraining.BINDING, recipe.batch_size, recipe.image_size)), pad)
 
 
-def shipped_build(name: str) -> Path | None:
-    """The committed build of a built-in backbone, if there is one and it matches today's recipe."""
-    folder = SHIPPED / name.split(":")[1]
-    meta = folder / "strata_recipe.json"
-    if not meta.exists() or json.loads(meta.read_text())["key"] != RECIPES[name].key():
-        return None
-    return folder
-
-
-def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None,
-                   from_recipe: bool = False) -> Path:
-    """Return the cached directory of a built-in backbone: a copy of its shipped build, or (absent
-    one, or with `from_recipe`) built and pretrained from its recipe."""
+def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = None) -> Path:
+    """Return the cached directory of a built-in backbone, building and pretraining it if absent."""
     recipe = RECIPES[name]
     final = cache_root() / "backbones" / f"{name.split(':')[1]}-{recipe.key()}"
     if (final / "strata_recipe.json").exists():
@@ -284,21 +267,7 @@ def ensure_builtin(name: str, progress: Callable[[int, float], None] | None = No
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "strata_recipe.json").exists():
             return final
-        shipped = None if from_recipe else shipped_build(name)
-        if shipped is not None:
-            return _install(lambda tmp: shutil.copytree(shipped, tmp, dirs_exist_ok=True), final)
         return build(recipe, final, progress)
-
-
-def ship(name: str, built: Path) -> Path:
-    """Replace the committed build of `name` with the cached build `built` (maintainers, after a recipe change)."""
-    folder = SHIPPED / name.split(":")[1]
-    staged = folder.with_name(f".{folder.name}-new")
-    shutil.rmtree(staged, ignore_errors=True)
-    shutil.copytree(built, staged)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staged, folder)
-    return folder
 
 
 def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None] | None = None) -> Path:
