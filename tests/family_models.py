@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import transformers
 
 TEXT = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
@@ -131,5 +132,8 @@ def save_checkpoint(model_type: str, path) -> None:
     text.vocab_size, text.pad_token_id, text.eos_token_id = len(tok), tok.pad_token_id, tok.eos_token_id
     text.bos_token_id = tok.bos_token_id
     config.tie_word_embeddings = True
-    transformers.AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    if model_type == "gemma3":  # initialised to zeros, which would cut the vision side off the loss
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
+    model.save_pretrained(path)
     processor.save_pretrained(path)

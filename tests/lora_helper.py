@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from peft import PeftModel
 
@@ -54,7 +55,7 @@ def offline(reg: Registry, ref: Ref, row: dict, test_spec, backbone_dir, tmp_pat
     """Greedy tokens from plain PEFT on a fresh backbone: what serving must reproduce."""
     model, processor = load_backbone(test_spec, backbone_dir)
     peft = PeftModel.from_pretrained(model, str(reg.fetch(ref, tmp_path / f"{ref.adapter}-v{ref.version}")))
-    enc = encode_table(processor, generate_task("colour", 0, 0, 0, 0).schema.empty_table().from_pylist([row]),
+    enc = encode_table(processor, pa.Table.from_pylist([row], generate_task("colour", 0, 0, 0, 0).schema),
                        with_answers=False)
     batch = collate(enc, processor.tokenizer.pad_token_id, left_pad=True)
     batch.pop("labels")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 import torch
+from family_models import save_checkpoint
 from safetensors.torch import load_file
 
 from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
@@ -26,8 +27,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def task0(backbone_dir, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    return train_task0(backbone_dir, tmp_path_factory.mktemp("parity"))
+
+
+def train_task0(backbone_dir: Path, root: Path) -> tuple[Path, dict[str, str]]:
     """A state dir holding a DGG adapter trained on task 0 (θ* for task 1), and both tasks' rows."""
-    root = tmp_path_factory.mktemp("parity")
     paths = {}
     for task in ("colour", "shape"):
         table = generate_task(task, 0, n_train=64, n_val=0, n_test=0)
@@ -84,6 +88,16 @@ def test_two_zero3_workers_match_one_worker(one_worker, backbone_dir, task0, tmp
     """Stage 3 also partitions θ: DGG reads its fp32 fragments, and the adapter is gathered to save."""
     assert_same_run(one_worker, train_task1(backbone_dir, task0, tmp_path, num_workers=2, cpus_per_worker=1,
                                             zero_stage=3))
+
+
+def test_two_zero2_workers_match_one_worker_on_qwen2_vl(ray_cluster, tmp_path) -> None:
+    """Qwen's images are variable runs of patch rows in one tensor: each rank must get its own rows' runs."""
+    save_checkpoint("qwen2_vl", tmp_path / "model")
+    task0 = train_task0(tmp_path / "model", tmp_path / "task0")
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = train_task1(tmp_path / "model", task0, tmp_path / "one", num_workers=1, cpus_per_worker=1)
+    assert_same_run(one, train_task1(tmp_path / "model", task0, tmp_path / "two", num_workers=2, cpus_per_worker=1,
+                                     zero_stage=2))
 
 
 def test_zero_config_is_validated() -> None:

@@ -337,6 +337,8 @@ def backbone_inspect(
     console.print(f"[bold]{source}[/]: family [bold]{found.family.name}[/] ({found.model_class})")
     if found.family.note:
         console.print(f"note: {found.family.note}")
+    for refused, why in found.family.refused_kinds.items():
+        console.print(f"adapter kind {refused!r} is refused on this family: {why}")
     table = Table(title="parts")
     for column in ("part", "linear layers", "parameters"):
         table.add_column(column, justify="left" if column == "part" else "right")

@@ -22,6 +22,7 @@ from strata.backbone.load import load_backbone
 from strata.config import AdapterSpec, BackboneSpec, RunConfig, TrainConfig
 from strata.data.benchmark import generate_task
 from strata.data.collate import IGNORE, collate, encode_table
+from strata.data.schema import HISTORY
 from strata.generation import generate
 from strata.hooks import TaskContext
 from strata.strategies import make_strategy
@@ -49,6 +50,8 @@ def test_the_answer_boundary_follows_the_familys_own_template(checkpoint) -> Non
     _, processor = load_backbone(BackboneSpec(str(path)), path)
     generation_prompt, eos = FAMILIES[model_type]
     table = rows("train", 4)
+    earlier = [{"question": "What shape is it?", "answer": "circle"}]
+    table = table.drop_columns("history").append_column("history", pa.array([[], earlier, [], earlier], HISTORY))  # two multi-turn rows
     enc, bare = encode_table(processor, table, with_answers=True), encode_table(processor, table, with_answers=False)
     tok = processor.tokenizer
     for i, answer in enumerate(table["answer"].to_pylist()):
@@ -59,6 +62,10 @@ def test_the_answer_boundary_follows_the_familys_own_template(checkpoint) -> Non
         assert bare.input_ids[i] == enc.input_ids[i][:n]  # evaluation and serving prompt exactly as training did
         whole = tok(tok.decode(enc.input_ids[i]), add_special_tokens=False)["input_ids"]
         assert whole == enc.input_ids[i]  # tokenizing the rendered text in one piece gives the same ids
+        prompt = tok.decode(enc.input_ids[i][:n])
+        assert prompt.count(generation_prompt) == 1 + i % 2  # an earlier turn is the template's own turn
+        if i % 2:
+            assert f"circle{eos}" in prompt and prompt.index("shape") < prompt.index(table["prompt"][i].as_py())
 
 
 def test_it_trains_decodes_routes_and_reloads_with_plain_peft(checkpoint, tmp_path: Path) -> None:

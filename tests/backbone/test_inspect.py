@@ -42,6 +42,9 @@ def test_a_qwen2_5_vl_checkpoint_is_inspected_from_its_config(tmp_path: Path) ->
     assert "language 21 down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in out
     assert "trainable:" in out and "QLoRA (backbone.quantization: 4bit): applies" in out
     assert "stay in full precision: lm_head, model.visual" in out
+    assert "adapter kind 'prefix' is refused on this family: PEFT lengthens the attention mask" in out
+    code, out = inspect(tmp_path, "--kind", "prefix", "--placement", "language_only")
+    assert code != 0 and "'prefix' does not work on the qwen2.5-vl family" in out
 
 
 def test_the_builtin_backbone_reports_what_training_trains() -> None:

@@ -20,7 +20,7 @@ from strata.data.benchmark import (
     write_benchmark,
 )
 from strata.data.scenes import COLOURS, LOCATIONS, SHAPES, Obj, Scene, caption, draw, random_scene
-from strata.data.schema import SCHEMA, read_table, validate_table
+from strata.data.schema import HISTORY, SCHEMA, read_table, validate_table
 
 SMALL = {"n_train": 60, "n_val": 12, "n_test": 60}
 
@@ -41,7 +41,8 @@ def mean_brightness(png: bytes) -> float:
 @pytest.mark.parametrize("task", TASKS)
 def test_generated_task_is_valid(task: str, tables: dict[str, pa.Table]) -> None:
     table = tables[task]
-    assert table.schema.equals(SCHEMA)
+    assert table.schema.equals(SCHEMA.append(pa.field("history", HISTORY)))
+    assert table["history"].to_pylist() == [[]] * len(table)  # single-turn rows
     report = validate_table(table)
     assert report.ok, report.format()
     splits = Counter(table.column("split").to_pylist())

@@ -9,6 +9,7 @@ import torch
 from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task
 from strata.data.collate import IGNORE, collate, decode_image, encode_table
+from strata.data.schema import HISTORY
 from strata.data.template import EOS, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
 
 
@@ -54,6 +55,22 @@ def test_prompt_is_the_shared_template(loaded, table, encoded) -> None:
         assert encoded.input_ids[i][: encoded.prompt_lengths[i]] == alone["input_ids"][0].tolist()
         text = processor.tokenizer.decode(encoded.input_ids[i][: encoded.prompt_lengths[i]])
         assert text.startswith("USER: <image>") and text.endswith(f"{row['prompt']} ASSISTANT:")
+
+
+def test_a_multi_turn_row_renders_llava_15s_conversation(loaded) -> None:
+    history = [("What colour is it?", "red"), ("And its shape?", "circle")]
+    assert render_prompt(LLAVA_CHAT, "How many?", True, history) == (
+        "USER: <image>\nWhat colour is it? ASSISTANT: red</s>USER: And its shape? ASSISTANT: circle</s>"
+        "USER: How many? ASSISTANT:")
+    assert render_answer(LLAVA_CHAT, "How many?", "two", history) == " two</s>"
+    table = generate_task("count", 0, n_train=1, n_val=0, n_test=0).drop_columns("history").append_column(
+        "history", pa.array([[{"question": q, "answer": a} for q, a in history]], HISTORY))
+    enc = encode_table(loaded[1], table, with_answers=True)
+    n = enc.prompt_lengths[0]
+    text = loaded[1].tokenizer.decode(enc.input_ids[0][:n])
+    assert text.count("<image>") == loaded[0].config.image_seq_length  # the image only in the first turn
+    assert text.endswith(f"ASSISTANT: circle</s>USER: {table['prompt'][0]} ASSISTANT:")
+    assert loaded[1].tokenizer.decode([t for t in enc.labels[0] if t != IGNORE]) == f" {table['answer'][0]}</s>"
 
 
 def test_without_answers_only_prompt(loaded, table, encoded) -> None:

@@ -11,7 +11,6 @@ from PIL import Image
 
 from strata.data.llava_import import LlavaFormatError, import_llava
 from strata.data.schema import DatasetError, read_table, validate_dataset
-from strata.data.template import join_turns
 
 
 def write_png(path: Path, colour: tuple[int, int, int]) -> bytes:
@@ -57,9 +56,9 @@ def test_multi_turn_becomes_one_row_per_answer(tmp_path: Path, images: Path) -> 
     rows = read_table(out).to_pylist()
     assert [r["id"] for r in rows] == ["conv1-t0", "conv1-t1", "7-t0"]
     assert rows[0]["prompt"] == "What is in the picture?"
-    history = [("What is in the picture?", "A square.")]
-    assert rows[1]["prompt"] == join_turns(history, "What colour is it?")
-    assert "<image>" not in rows[1]["prompt"] and "A square." in rows[1]["prompt"]
+    assert rows[1]["prompt"] == "What colour is it?"
+    assert rows[1]["history"] == [{"question": "What is in the picture?", "answer": "A square."}]
+    assert rows[0]["history"] == rows[2]["history"] == []
     assert [r["answer"] for r in rows] == ["A square.", "Blue.", "Hello."]
     assert rows[0]["image"] == rows[1]["image"] == (images / "coco" / "0.png").read_bytes()
     assert rows[2]["image"] is None

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from strata.data.schema import (
+    HISTORY,
     SCHEMA,
     DatasetError,
     Problem,
@@ -22,6 +23,7 @@ from strata.data.schema import (
     read_table,
     validate_dataset,
     validate_table,
+    with_history,
     write_table,
 )
 
@@ -82,6 +84,10 @@ def with_value(column: str, row: int, value: object) -> Callable[[], pa.Table]:
     return make
 
 
+def with_column_added(column: str, values: pa.Array) -> Callable[[], pa.Table]:
+    return lambda: good_table().append_column(column, values)
+
+
 def with_column(column: str, values: pa.Array | None) -> Callable[[], pa.Table]:
     def make() -> pa.Table:
         table = good_table()
@@ -89,6 +95,16 @@ def with_column(column: str, values: pa.Array | None) -> Callable[[], pa.Table]:
         if values is None:
             return table.remove_column(index)
         return table.set_column(index, column, values)
+
+    return make
+
+
+def with_history_of(turns: list) -> Callable[[], pa.Table]:
+    """The good table with one multi-turn row (row 1) whose earlier turns are `turns`."""
+    def make() -> pa.Table:
+        history = [[]] * 6
+        history[1] = turns
+        return good_table().append_column("history", pa.array(history, HISTORY))
 
     return make
 
@@ -131,6 +147,12 @@ BAD_CASES = [
     ("null answer", with_value("answer", 2, None), {}, 2, "answer", "null"),
     ("bad split", with_value("split", 1, "training"), {}, 1, "split", "'training' is not one of"),
     ("train/test overlap", overlapping_copy, {}, 5, "prompt+image", "train row 1 (id 'b')"),
+    ("empty answer in history", with_history_of([{"question": "What is it?", "answer": " "}]), {},
+     1, "history", "history[0].answer is empty"),
+    ("null question in history", with_history_of([{"question": "Q", "answer": "A"}, {"question": None, "answer": "B"}]),
+     {}, 1, "history", "history[1].question is null"),
+    ("history is a string", with_column_added("history", pa.array(["q a"] * 6)), {}, None, "history",
+     "mistyped column"),
 ]  # fmt: skip
 
 
@@ -157,7 +179,8 @@ def test_good_dataset_passes(tmp_path: Path) -> None:
     assert report.num_rows == 6
     path = write_table(good_table(), tmp_path / "nested" / "good.parquet")
     assert validate_dataset(path).ok
-    assert load_dataset(path).equals(good_table())
+    assert load_dataset(path).equals(with_history(good_table()))
+    assert load_dataset(path)["history"].to_pylist() == [[]] * 6  # a table without turns gets empty ones
     assert [p.name for p in path.parent.iterdir()] == ["good.parquet"]  # no temp file left behind
 
 
@@ -173,8 +196,16 @@ def test_shards_directory_is_read_in_name_order(tmp_path: Path) -> None:
     pq.write_table(table.slice(3), tmp_path / "part-1.parquet")
     pq.write_table(table.slice(0, 3), tmp_path / "part-0.parquet")
     (tmp_path / "notes.txt").write_text("not a shard")
-    assert read_table(tmp_path).equals(table)
+    assert read_table(tmp_path).equals(with_history(table))
     assert validate_dataset(tmp_path).ok
+
+
+def test_history_is_part_of_what_makes_a_test_row_a_copy() -> None:
+    table = overlapping_copy().append_column("history", pa.array([[]] * 6, HISTORY))
+    assert [p.field for p in validate_table(table).problems] == ["prompt+image"]
+    turns = [[]] * 5 + [[{"question": "What is it?", "answer": "A square."}]]
+    later_turn = overlapping_copy().append_column("history", pa.array(turns, HISTORY))
+    assert validate_table(later_turn).ok  # same image and question, but a different conversation
 
 
 def test_shard_overlap_across_files_is_caught(tmp_path: Path) -> None:

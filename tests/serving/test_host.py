@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 import torch
 from lora_helper import offline, served_registry
@@ -9,6 +11,7 @@ from lora_helper import offline, served_registry
 from strata.data.benchmark import generate_task
 from strata.registry import Ref, RegistryError
 from strata.serving.host import AdapterHost, Request, UnknownAdapter
+from strata.serving.openai import Limits, parse_chat
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,18 @@ def test_answers_match_offline_peft_and_follow_promotion_and_rollback(registry, 
     registry.rollback("default", "seqlora")
     assert host.complete([request(row, "default/seqlora")])[0].model == "default/seqlora@v1"
     assert host.complete([request(row, "default/seqlora@v2")])[0].tokens == second.tokens  # pinned version
+
+
+def test_a_multi_turn_request_is_answered_as_its_dataset_row_is_rendered(registry, rows, test_spec, backbone_dir,
+                                                                          tmp_path):
+    host = AdapterHost(registry.uri, test_spec, capacity=4)
+    row = {**rows["colour"][0], "history": [{"question": "What shape is it?", "answer": "circle"}]}
+    request = Request("default/seqlora", row["prompt"], row["image"], max_tokens=8, history=[("What shape is it?",
+                                                                                              "circle")])
+    done = host.complete([request])[0]
+    assert done.tokens == offline(registry, Ref("default", "seqlora", 1), row, test_spec, backbone_dir, tmp_path)
+    single = host.complete([Request("default/seqlora", row["prompt"], row["image"], max_tokens=8)])[0]
+    assert done.prompt_tokens > single.prompt_tokens  # the earlier turn is in the prompt
 
 
 def test_a_mixed_batch_larger_than_the_lru_matches_one_by_one(registry, rows, test_spec):
@@ -85,3 +100,15 @@ def test_sampling_rows_and_greedy_rows_share_a_call(registry, rows, test_spec):
     out = host.complete([sampled, greedy, sampled])
     assert out[1].tokens == host.complete([greedy])[0].tokens  # greedy rows are not disturbed by sampled ones
     assert all(len(c.tokens) <= 5 and c.finish_reason in ("stop", "length") for c in out)
+
+
+def test_chat_messages_become_earlier_turns_the_question_and_its_image() -> None:
+    png = "data:image/png;base64," + base64.b64encode(generate_task("colour", 0, 0, 0, 1)["image"][0].as_py()).decode()
+    body = {"model": "default/colour", "messages": [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png}}, {"type": "text", "text": "Shape?"}]},
+        {"role": "assistant", "content": "circle"},
+        {"role": "user", "content": "Colour?"}]}
+    request, stream = parse_chat(body, Limits())
+    assert (request.history, request.prompt, stream) == ((("Shape?", "circle"),), "Answer in one word. Colour?", False)
+    assert request.image == generate_task("colour", 0, 0, 0, 1)["image"][0].as_py()

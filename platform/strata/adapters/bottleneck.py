@@ -37,11 +37,16 @@ class Bottleneck(custom.StrataLayer):
 
 
 def output_width(block: nn.Module) -> int:
-    """A block's output width: the out_features of its last linear (fc2, down_proj, linear_2)."""
+    """A block's output width: the out_features of its last linear (fc2, down_proj, linear_2), or of
+    a bare projection matrix applied as `x @ W` (Gemma 3's projector holds one and no linear)."""
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(block).__name__} has no linear layer to read its output width from")
-    return linears[-1].out_features
+    if linears:
+        return linears[-1].out_features
+    matrices = [p for name, p in block.named_parameters(recurse=False) if p.dim() == 2]
+    if len(matrices) != 1:
+        raise ValueError(f"{type(block).__name__} has no linear layer and no single projection matrix to read "
+                         "its output width from")
+    return matrices[0].shape[-1]
 
 
 def attach(model: nn.Module, widths: dict[str, int], dropout: float = 0.0) -> list[str]:

@@ -71,6 +71,9 @@ def layer_plan(spec: AdapterSpec, config) -> tuple[tuple[int, ...], bool, tuple[
     """(vision layer indices, projector adapted?, LM layer indices) for `spec` on a model `config`."""
     check_kind(spec)
     family = family_of(config)
+    if spec.kind in family.refused_kinds:
+        raise ValueError(f"adapter kind {spec.kind!r} does not work on the {family.name} family: "
+                         f"{family.refused_kinds[spec.kind]}")
     vision_side = spec.visual_rank > 0 and spec.placement != "language_only"
     text_side = spec.text_rank > 0 and spec.placement != "vision_only"
     vision = tower_layers(spec.placement, family.depth(config)) if vision_side else ()

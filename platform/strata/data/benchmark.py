@@ -31,7 +31,7 @@ from strata.data.scenes import (
     png_bytes,
     random_scene,
 )
-from strata.data.schema import SCHEMA, write_table
+from strata.data.schema import SCHEMA, with_history, write_table
 
 TASKS = ("colour", "shape", "count", "location", "exists", "relation", "size", "shift")
 # Bump when generation changes, so cached benchmark files are regenerated.
@@ -182,7 +182,7 @@ def generate_task(
     n_test: int = 500,
     image_size: int = 48,
 ) -> pa.Table:
-    """Generate one task's train/val/test rows in SCHEMA, deterministically from (task, seed)."""
+    """Generate one task's train/val/test rows in SCHEMA (single-turn), deterministically from (task, seed)."""
     if task not in _TASK_SPECS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     for name, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
@@ -209,7 +209,7 @@ def generate_task(
             columns["prompt"].append(prompt)
             columns["answer"].append(answer)
             columns["split"].append(split)
-    return pa.table(columns, schema=SCHEMA)
+    return with_history(pa.table(columns, schema=SCHEMA))
 
 
 def write_benchmark(

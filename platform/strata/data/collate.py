@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from strata.data.schema import turns, with_history
 from strata.data.template import Chat, render_answer, render_prompt
 
 IGNORE = -100
@@ -80,13 +81,13 @@ def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
     images: dict[str, list[torch.Tensor]] = {}
     types: dict[str, list[list[int]]] = {}
     prompt_lengths: list[int] = []
-    rows = table.select(["image", "prompt", "answer"]).to_pylist()
+    rows = with_history(table).select(["image", "prompt", "answer", "history"]).to_pylist()
     for start in range(0, len(rows), _CHUNK):
         chunk = rows[start : start + _CHUNK]
         if any(r["image"] is None for r in chunk):
             # Text-only rows need a vision-free forward; the built-in stream never has them.
             raise ValueError("text-only rows (null image) are not supported by the trainer yet")
-        texts = [render_prompt(chat, r["prompt"], has_image=True) for r in chunk]
+        texts = [render_prompt(chat, r["prompt"], has_image=True, history=turns(r["history"])) for r in chunk]
         # One list per row: Gemma 3's processor needs them nested, and the others take them so too.
         enc = processor(text=texts, images=[[decode_image(r["image"])] for r in chunk], return_tensors="pt",
                         padding=True, add_special_tokens=False)
@@ -95,8 +96,8 @@ def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
         mask = enc["attention_mask"].bool()
         for i, (row, prompt_ids, m) in enumerate(zip(chunk, enc["input_ids"], mask)):
             p = prompt_ids[m].tolist()
-            a = tok(render_answer(chat, row["prompt"], row["answer"]), add_special_tokens=False)["input_ids"] \
-                if with_answers else []
+            a = tok(render_answer(chat, row["prompt"], row["answer"], turns(row["history"])),
+                    add_special_tokens=False)["input_ids"] if with_answers else []
             ids.append(p + a)
             labels.append([IGNORE] * len(p) + a)
             prompt_lengths.append(len(p))

@@ -1,7 +1,8 @@
 """Import LLaVA / LLaMA-Factory conversation JSON into the public schema (docs/ARCHITECTURE.md, "Data").
 
-Each assistant ("gpt") turn becomes one row, with the earlier turns folded into its prompt by the
-shared chat template, so multi-turn training sees exactly what serving will render.
+Each assistant ("gpt") turn becomes one row: its question as `prompt`, the turns before it as
+`history`. The backbone's own chat template renders the whole conversation, in training as in
+serving.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from strata.data.schema import SCHEMA, SPLITS, DatasetError, validate_table, write_table
-from strata.data.template import IMAGE_TOKEN, join_turns
+from strata.data.schema import HISTORY, SCHEMA, SPLITS, DatasetError, validate_table, write_table
+from strata.data.template import IMAGE_TOKEN
 
 HUMAN = "human"
 ASSISTANT = "gpt"
@@ -139,7 +140,7 @@ def import_llava(
         kind = type(records).__name__
         raise LlavaFormatError(f"{json_path} must hold a JSON list of records, got a {kind}")
 
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    columns: dict[str, list] = {name: [] for name in [*SCHEMA.names, "history"]}
     skipped: list[SkippedRecord] = []
     for index, record in enumerate(records):
         if not isinstance(record, dict):
@@ -159,11 +160,12 @@ def import_llava(
         for turn_index, (question, answer) in enumerate(turns):
             columns["id"].append(f"{record_id}-t{turn_index}")
             columns["image"].append(image)
-            columns["prompt"].append(join_turns(turns[:turn_index], question))
+            columns["prompt"].append(question)
+            columns["history"].append([{"question": q, "answer": a} for q, a in turns[:turn_index]])
             columns["answer"].append(answer)
             columns["split"].append(row_split)
 
-    table = pa.table(columns, schema=SCHEMA)
+    table = pa.table(columns, schema=SCHEMA.append(pa.field("history", HISTORY)))
     report = validate_table(table, str(json_path))
     if not report.ok:
         raise DatasetError(report)

@@ -1,7 +1,8 @@
 """The public dataset schema (docs/ARCHITECTURE.md, "Data"): reading, validating and atomically writing Parquet.
 
 A dataset is one Parquet file or a directory of `*.parquet` shards read in name order, with the
-columns id, image, prompt, answer and split. Validation never raises on bad data; it collects
+columns id, image, prompt, answer and split, and optionally `history`: a multi-turn row's earlier
+(question, answer) turns. `read_table` gives every table that column, empty where absent. Validation never raises on bad data; it collects
 every problem into a `ValidationReport` so one run shows the user everything to fix.
 """
 
@@ -12,6 +13,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,8 @@ SCHEMA: pa.Schema = pa.schema(
         pa.field("split", pa.string(), nullable=False),
     ]
 )
+# Earlier turns of a conversation, oldest first; the image (if any) belongs to the first one.
+HISTORY = pa.list_(pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())]))
 SPLITS = ("train", "val", "test")
 IMAGE_FORMATS = ("PNG", "JPEG")
 DEFAULT_MAX_IMAGE_BYTES = 8 * 1024 * 1024
@@ -102,12 +106,22 @@ def read_table(path: str | os.PathLike[str]) -> pa.Table:
             tables.append(pq.read_table(shard, partitioning=None))
         except (pa.ArrowException, OSError) as e:
             raise _dataset_error(str(p), "path", f"cannot read Parquet file {shard.name}: {e}")
-    if len(tables) == 1:
-        return tables[0]
     try:
-        return pa.concat_tables(tables)
+        return with_history(pa.concat_tables([with_history(t) for t in tables]))
     except pa.ArrowInvalid as e:
         raise _dataset_error(str(p), "path", f"shards have different schemas: {e}")
+
+
+def with_history(table: pa.Table) -> pa.Table:
+    """`table` with a `history` column: empty turns where it has none, so every table concatenates."""
+    if "history" in table.column_names:
+        return table
+    return table.append_column(pa.field("history", HISTORY), pa.array([[]] * table.num_rows, HISTORY))
+
+
+def turns(history: list[dict] | None) -> list[tuple[str, str]]:
+    """A row's `history` value as (question, answer) pairs."""
+    return [(t["question"], t["answer"]) for t in history or []]
 
 
 def _type_ok(name: str, dtype: pa.DataType) -> bool:
@@ -151,6 +165,16 @@ def _text_problem(value: str | None) -> str | None:
     return None
 
 
+def _history_problems(values: list, add: Callable[[int, str, str], None]) -> None:
+    """Report every turn with an empty question or answer."""
+    for row, value in enumerate(values):
+        for k, turn in enumerate(value or []):
+            for key in ("question", "answer"):
+                reason = _text_problem(turn and turn[key])
+                if reason is not None:
+                    add(row, "history", f"history[{k}].{key} {reason}")
+
+
 def validate_table(
     table: pa.Table,
     path: str = "<table>",
@@ -170,6 +194,12 @@ def validate_table(
             problems.append(Problem(None, None, field.name, reason))
         else:
             usable[field.name] = table.column(field.name).to_pylist()
+    if "history" in table.column_names:
+        got = table.schema.field("history").type
+        if got.equals(HISTORY) or got == pa.list_(pa.null()):
+            usable["history"] = table.column("history").to_pylist()
+        else:
+            problems.append(Problem(None, None, "history", f"mistyped column: expected {HISTORY}, got {got}"))
 
     n = table.num_rows
     ids: list[str | None] = usable.get("id", [None] * n)
@@ -200,6 +230,9 @@ def validate_table(
             if reason is not None:
                 add(row, "image", reason)
 
+    if "history" in usable:
+        _history_problems(usable["history"], add)
+
     for name in ("prompt", "answer"):
         if name in usable:
             for row, value in enumerate(usable[name]):
@@ -213,15 +246,16 @@ def validate_table(
                 add(row, "split", f"split {value!r} is not one of {', '.join(SPLITS)}")
 
     if "prompt" in usable and "split" in usable:
-        # A test row identical (prompt + image) to a train row measures memory, not skill.
-        train_rows: dict[tuple[str, str | None], int] = {}
+        # A test row identical (conversation + image) to a train row measures memory, not skill.
+        history = [str(h or []) for h in usable.get("history", [None] * n)]
+        train_rows: dict[tuple[str, str, str | None], int] = {}
         for row, (split, prompt) in enumerate(zip(usable["split"], usable["prompt"])):
             if split == "train" and prompt is not None:
-                train_rows.setdefault((prompt, image_hashes[row]), row)
+                train_rows.setdefault((prompt, history[row], image_hashes[row]), row)
         for row, (split, prompt) in enumerate(zip(usable["split"], usable["prompt"])):
             if split != "test" or prompt is None:
                 continue
-            other = train_rows.get((prompt, image_hashes[row]))
+            other = train_rows.get((prompt, history[row], image_hashes[row]))
             if other is not None:
                 add(
                     row,

@@ -1,7 +1,7 @@
 """Chat rendering, shared by training, evaluation and serving: the backbone's own chat template.
 
-Every consumer renders a row's prompt with `render_prompt` and, for training, appends
-`render_answer`. Both come from one rendering of the conversation by the processor's chat template
+Every consumer renders a row's conversation (its earlier turns, then its prompt) with
+`render_prompt` and, for training, appends `render_answer`. Both come from one rendering of the conversation by the processor's chat template
 (`processor.chat_template`; `strata.backbone.load` gives a processor saved without one its
 family's default, LLaVA-1.5's turns for the llava family), so evaluation and serving see exactly
 what training saw. The loss covers only the answer tokens, so the boundary between the two must be
@@ -11,13 +11,13 @@ end of sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 IMAGE_TOKEN = "<image>"  # LLaVA's image placeholder (the built-in backbone's tokenizer has it)
 EOS = "</s>"  # LLaVA's end of sequence
-USER, ASSISTANT = "USER:", "ASSISTANT:"  # LLaVA-1.5's turn markers (join_turns folds earlier turns with them)
 # LLaVA-1.5's conversation: "USER: <image>\n{question} ASSISTANT: {answer}</s>USER: {question} ASSISTANT:".
 LLAVA_CHAT_TEMPLATE = (
     "{%- for m in messages -%}"
@@ -61,9 +61,18 @@ class Chat:
 LLAVA_CHAT = Chat(LLAVA_CHAT_TEMPLATE, {"eos_token": EOS})
 
 
-def _user(text: str, has_image: bool) -> dict:
-    parts = [{"type": "image"}] if has_image else []
-    return {"role": "user", "content": [*parts, {"type": "text", "text": text.strip()}]}
+Turns = Sequence[tuple[str, str]]  # earlier (question, answer) turns of a conversation, oldest first
+
+
+def _messages(prompt: str, has_image: bool, history: Turns) -> list[dict]:
+    """The conversation as chat messages; the image belongs to the first user turn, as it was asked."""
+    messages = []
+    for question, answer in [*history, (prompt, None)]:
+        parts = [{"type": "image"}] if has_image and not messages else []
+        messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question.strip()}]})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]})
+    return messages
 
 
 def _render(chat: Chat, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -72,32 +81,19 @@ def _render(chat: Chat, messages: list[dict], add_generation_prompt: bool) -> st
     return rendered[0]
 
 
-def render_prompt(chat: Chat, prompt: str, has_image: bool) -> str:
-    """One instruction (earlier turns already folded into it) as the model's prompt, up to the answer."""
-    return _render(chat, [_user(prompt, has_image)], add_generation_prompt=True)
+def render_prompt(chat: Chat, prompt: str, has_image: bool, history: Turns = ()) -> str:
+    """A conversation (earlier turns, then `prompt`) as the model's input, up to the answer."""
+    return _render(chat, _messages(prompt, has_image, history), add_generation_prompt=True)
 
 
-def render_answer(chat: Chat, prompt: str, answer: str) -> str:
+def render_answer(chat: Chat, prompt: str, answer: str, history: Turns = ()) -> str:
     """The target continuation of `render_prompt`: the answer as the template writes it, through its end."""
-    head = render_prompt(chat, prompt, has_image=True)
-    whole = _render(chat, [_user(prompt, True), {"role": "assistant", "content": [
-        {"type": "text", "text": answer.strip()}]}], add_generation_prompt=False)
+    messages = _messages(prompt, True, history)
+    head = _render(chat, messages, add_generation_prompt=True)
+    whole = _render(chat, [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]}],
+                    add_generation_prompt=False)
     if not whole.startswith(head) or chat.eos not in whole[len(head):]:
         raise ValueError("the chat template does not write the answer after its generation prompt, ended by "
                          f"{chat.eos!r}; Strata cannot tell the answer tokens apart for the loss")
     tail = whole[len(head):]
     return tail[: tail.index(chat.eos) + len(chat.eos)]
-
-
-def join_turns(history: list[tuple[str, str]], question: str) -> str:
-    """Fold earlier (question, answer) turns and the current question into one prompt string.
-
-    The outer USER:/ASSISTANT: of the last turn is added by `render_prompt`, so the result reads
-    as one multi-turn conversation once rendered with LLaVA's template. Other families' templates
-    see the folded turns as one user message (multi-turn rows are LLaVA-only so far).
-    """
-    parts = []
-    for q, a in history:
-        parts.append(f"{q.strip()} {ASSISTANT} {a.strip()}{EOS}{USER}")
-    parts.append(question.strip())
-    return " ".join(parts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from strata.backbone.features import pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import BackboneSpec
 from strata.data.collate import encode_table
+from strata.data.schema import HISTORY
 from strata.generation import generate
 from strata.registry import Ref, Registry, RegistryError, parse_id
 from strata.routing import ROUTER_FILE, PrototypeRouter, Routed
@@ -42,6 +43,7 @@ class Request:
     image: bytes
     max_tokens: int = 16
     temperature: float = 0.0
+    history: Sequence[tuple[str, str]] = ()  # earlier (question, answer) turns, oldest first
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,9 @@ class AdapterHost:
         """Answer a batch of requests, rows of different adapters in one forward where they fit."""
         enc = encode_table(self.processor, pa.table({
             "image": pa.array([r.image for r in requests], pa.binary()),
-            "prompt": [r.prompt for r in requests], "answer": [""] * len(requests)}), with_answers=False)
+            "prompt": [r.prompt for r in requests], "answer": [""] * len(requests),
+            "history": pa.array([[{"question": q, "answer": a} for q, a in r.history] for r in requests], HISTORY)}),
+            with_answers=False)
         refs, routed = self._refs(requests, enc)
         out: list[Completion | None] = [None] * len(requests)
         for temperature in sorted({r.temperature for r in requests}):

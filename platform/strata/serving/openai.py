@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from PIL import Image
 
 from strata.data.schema import IMAGE_FORMATS, image_problem
-from strata.data.template import join_turns
 from strata.routing import Routed
 from strata.serving.host import Completion, Request
 
@@ -61,12 +60,12 @@ def parse_chat(body: dict, limits: Limits) -> tuple[Request, bool]:
     temperature = body.get("temperature", 0.0)
     if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
         raise ApiError(400, "`temperature` must be a number in [0, 2]", param="temperature")
-    prompt, image = conversation(body.get("messages"), limits)
-    return Request(model, prompt, image, max_tokens, float(temperature)), bool(body.get("stream", False))
+    history, prompt, image = conversation(body.get("messages"), limits)
+    return Request(model, prompt, image, max_tokens, float(temperature), tuple(history)), bool(body.get("stream", False))
 
 
-def conversation(messages, limits: Limits) -> tuple[str, bytes]:
-    """Fold system, user and assistant turns into one prompt; return it with the one image."""
+def conversation(messages, limits: Limits) -> tuple[list[tuple[str, str]], str, bytes]:
+    """The earlier (question, answer) turns, the last question (system text before it) and the one image."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "`messages` must be a non-empty list", param="messages")
     system, turns, images = [], [], []
@@ -91,7 +90,7 @@ def conversation(messages, limits: Limits) -> tuple[str, bytes]:
             history.append((pending, text))
             pending = None
     question = " ".join([*system, turns[-1][1]])
-    return join_turns(history, question), images[0]
+    return history, question, images[0]
 
 
 def content_text(content, i: int, images: list[bytes], limits: Limits) -> str:

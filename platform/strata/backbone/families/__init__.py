@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
@@ -55,6 +55,7 @@ class Family:
     chat_template: str | None = None  # for a processor saved without one
     # How to load the processor from a directory; None: transformers' AutoProcessor.
     load_processor: Callable[[Any], Any] | None = None
+    refused_kinds: dict[str, str] = field(default_factory=dict)  # adapter kind -> why it cannot work here
     note: str = ""  # what users of this family should know (shown by `strata backbone inspect`)
 
     def vision_block(self, layers: tuple[int, ...]) -> str:

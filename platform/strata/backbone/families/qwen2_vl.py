@@ -40,6 +40,8 @@ _COMMON = {
     "projector_block": "visual.merger",
     "vision_parts": ("visual",),
     "load_processor": load_processor,
+    "refused_kinds": {"prefix": "PEFT lengthens the attention mask by the virtual tokens but not the input ids, "
+                                "and Qwen's 3-D rope positions are computed from both, so the forward fails"},
 }
 
 QWEN2_VL = register(Family(
