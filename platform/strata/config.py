@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-BUILTIN_BACKBONES = ("builtin:tiny", "builtin:test")
+BUILTIN_BACKBONES = ("builtin:tiny", "builtin:test", "builtin:tiny-qwen2vl", "builtin:test-qwen2vl")  # strata.backbone.tiny.RECIPES
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -27,7 +27,7 @@ def check_name(name: str, what: str) -> str:
 class BackboneSpec:
     """Which frozen backbone to load."""
 
-    source: str = "builtin:tiny"  # "builtin:tiny", "builtin:test", or a local HF LLaVA-style model dir
+    source: str = "builtin:tiny"  # one of BUILTIN_BACKBONES, or a local model directory of a supported family
     quantization: str | None = None  # None, "4bit" (NF4 + double quant) or "8bit" (bitsandbytes)
 
     def __post_init__(self) -> None:

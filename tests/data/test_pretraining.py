@@ -9,6 +9,7 @@ import re
 from PIL import Image, ImageOps
 
 from strata.backbone.tiny import TinyRecipe, build_processor, tokenizer_text
+from strata.backbone.tiny_families import LLAVA
 from strata.data import pretraining
 from strata.data.benchmark import TASKS, generate_task
 from strata.data.scenes import Obj, Scene, near_misses
@@ -40,7 +41,7 @@ def test_pretraining_makes_the_model_say_every_answer_word_of_the_built_in_strea
 
 def test_the_tokenizer_keeps_english_words_whole_and_the_images_any_size() -> None:
     rows = pretraining.corpus(seed=0, n=400, image_size=48)
-    processor = build_processor(TinyRecipe(), tokenizer_text(rows))
+    processor = build_processor(TinyRecipe(), tokenizer_text(rows, LLAVA))
     tok = processor.tokenizer
     split = [w for w in pretraining.english_words() if len(tok(" " + w, add_special_tokens=False)["input_ids"]) > 1]
     assert not split, f"split into pieces: {split[:20]}"

@@ -1,4 +1,5 @@
-"""The built-in backbone recipe: a tiny LLaVA (CLIP tower, projector, Llama LM) made in-process.
+"""The built-in backbone recipes: a tiny LLaVA (CLIP tower, projector, Llama LM) or a tiny Qwen2-VL,
+made in-process (strata.backbone.tiny_families says what differs between the two).
 
 No weights can be downloaded, so Strata ships a recipe: a BPE tokenizer (common English words
 whole) and an image processor built here, a model from config, and a few CPU minutes of
@@ -27,28 +28,21 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedTokenizerFast, ProcessorMixin
 
+from strata.backbone.tiny_families import TINY_FAMILIES, TinyFamily
 from strata.data import pretraining
 from strata.data.collate import collate, encode_table
-from strata.data.template import EOS, IMAGE_TOKEN, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
+from strata.data.template import render_answer, render_prompt
 
 RECIPE_VERSION = "8"  # bump when the code below changes what a recipe produces
-SPECIALS = ["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"]
 
 
 @dataclass(frozen=True)
 class TinyRecipe:
     """Everything that determines the built-in backbone's weights."""
 
+    family: str = "llava"  # a key of strata.backbone.tiny_families.TINY_FAMILIES
     width: int = 128
     vision_layers: int = 3
     text_layers: int = 4
@@ -74,15 +68,22 @@ class TinyRecipe:
 
     def key(self) -> str:
         """Cache key: hash of the recipe fields and the recipe code version."""
-        blob = json.dumps({"v": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if fields["family"] == "llava":
+            del fields["family"]  # the LLaVA recipes predate the field: their builds keep their keys
+        blob = json.dumps({"v": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+_TEST = {"width": 64, "vision_layers": 2, "text_layers": 2, "corpus_size": 2000, "vision_steps": 150,
+         "vision_batch_size": 32, "steps": 500, "binding_steps": 200}
 RECIPES = {
     "builtin:tiny": TinyRecipe(),
     # Small enough that a test session pretrains it in under a minute.
-    "builtin:test": TinyRecipe(width=64, vision_layers=2, text_layers=2, corpus_size=2000, vision_steps=150,
-                               vision_batch_size=32, steps=500, binding_steps=200),
+    "builtin:test": TinyRecipe(**_TEST),
+    # Qwen2-VL: 8-pixel patches, merged 2x2, so each LM image token again covers one grid cell.
+    "builtin:tiny-qwen2vl": TinyRecipe(family="qwen2_vl", patch_size=8),
+    "builtin:test-qwen2vl": TinyRecipe(family="qwen2_vl", patch_size=8, **_TEST),
 }
 
 
@@ -93,73 +94,35 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "strata"
 
 
-def tokenizer_text(rows: list[pretraining.Row]) -> list[str]:
-    """The tokenizer's training text: English words and the pretraining rows, in the chat template,
-    so its words and markers become whole tokens. Nothing of the built-in stream: changing a
+def tokenizer_text(rows: list[pretraining.Row], family: TinyFamily) -> list[str]:
+    """The tokenizer's training text: English words and the pretraining rows, in the family's chat
+    template, so its words and markers become whole tokens. Nothing of the built-in stream: changing a
     task's wording must not change the backbone."""
-    return [render_prompt(LLAVA_CHAT, t, has_image=True) + render_answer(LLAVA_CHAT, t, t)
-            for t in pretraining.tokenizer_text(rows)]
+    chat = family.chat
+    return [render_prompt(chat, t, has_image=True) + render_answer(chat, t, t) for t in pretraining.tokenizer_text(rows)]
 
 
-def build_processor(recipe: TinyRecipe, texts: list[str]) -> LlavaProcessor:
-    """Train a byte-level BPE on `texts` and pair it with an image processor for any image size."""
+def build_processor(recipe: TinyRecipe, texts: list[str]) -> ProcessorMixin:
+    """Train a byte-level BPE on `texts` and pair it with the family's processor for any image size."""
+    family = TINY_FAMILIES[recipe.family]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=recipe.vocab_size,
-        special_tokens=SPECIALS,
+        special_tokens=family.specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token=EOS,
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    # Resized whole to a square, never cropped: an object in a corner of a wide image stays in view.
-    square = {"height": recipe.image_size, "width": recipe.image_size}
-    images = CLIPImageProcessorPil(size=square, crop_size=square, do_center_crop=False)
-    return LlavaProcessor(
-        image_processor=images,
-        tokenizer=fast,
-        patch_size=recipe.patch_size,
-        vision_feature_select_strategy="default",
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+    return family.processor(recipe, PreTrainedTokenizerFast(tokenizer_object=tok, **family.named_tokens))
 
 
-def build_model(recipe: TinyRecipe, processor: LlavaProcessor) -> LlavaForConditionalGeneration:
-    """A randomly initialised tiny LLaVA whose shapes come from the recipe."""
-    tok = processor.tokenizer
-    w, h = recipe.width, recipe.heads
-    vision = CLIPVisionConfig(
-        hidden_size=w, intermediate_size=2 * w, num_hidden_layers=recipe.vision_layers,
-        num_attention_heads=h, image_size=recipe.image_size, patch_size=recipe.patch_size,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w,
-        num_hidden_layers=recipe.text_layers, num_attention_heads=h, num_key_value_heads=h,
-        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
-    n_patches = (recipe.image_size // recipe.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=n_patches, vision_feature_select_strategy="default",
-        vision_feature_layer=-1,  # a 2-layer tower: LLaVA's usual -2 would leave half of it unused
-        projector_hidden_act="gelu", tie_word_embeddings=True,
-    )
-    torch.manual_seed(recipe.seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+def build_model(recipe: TinyRecipe, processor: ProcessorMixin) -> torch.nn.Module:
+    """A randomly initialised tiny model of the recipe's family, its shapes from the recipe."""
+    model = TINY_FAMILIES[recipe.family].model(recipe, processor)
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model
 
 
@@ -182,16 +145,16 @@ def _update(loss: torch.Tensor, params: list[torch.nn.Parameter], opt: torch.opt
 
 
 def pretrain_vision(
-    model: LlavaForConditionalGeneration,
-    processor: LlavaProcessor,
+    model: torch.nn.Module,
+    processor: ProcessorMixin,
     recipe: TinyRecipe,
     progress: Callable[[int, float], None] | None = None,
 ) -> float:
     """The vision stage: train the tower alone, through throwaway linear heads, to name every grid
     cell's colour, shape and size from its pooled patch tokens (the tokens the LM later reads);
     returns the final smoothed loss."""
-    tower, w = model.model.vision_tower, recipe.width
-    grid = recipe.image_size // recipe.patch_size
+    family, w = TINY_FAMILIES[recipe.family], recipe.width
+    tower = family.vision(model)
     cell_heads = torch.nn.ModuleList(torch.nn.Linear(w, len(v) + 1) for v in pretraining.CELL_LABELS.values())
     params = [*tower.parameters(), *cell_heads.parameters()]
     opt = torch.optim.AdamW(params, lr=2 * recipe.lr, weight_decay=0.01)
@@ -202,9 +165,7 @@ def pretrain_vision(
     ema = None
     for step in range(recipe.vision_steps):
         scenes = [pretraining.labelled_scene(rng, recipe.image_size) for _ in range(recipe.vision_batch_size)]
-        pixels = processor.image_processor([img for img, _ in scenes], return_tensors="pt")["pixel_values"]
-        tokens = tower(pixels).last_hidden_state[:, 1:]  # without CLS, as the LM sees them
-        grid_tokens = tokens.reshape(len(tokens), grid, grid, w).permute(0, 3, 1, 2)
+        grid_tokens = family.grid_tokens(model, processor, [img for img, _ in scenes]).permute(0, 3, 1, 2)
         cells = torch.nn.functional.adaptive_avg_pool2d(grid_tokens, 3).flatten(2).transpose(1, 2)
         labels = torch.tensor([lab for _, lab in scenes])  # (images, 9 cells, attributes)
         loss = sum(ce(head(cells).flatten(0, 1), labels[..., k].flatten()) for k, head in enumerate(cell_heads))
@@ -215,7 +176,7 @@ def pretrain_vision(
 
 
 def pretrain(
-    model: LlavaForConditionalGeneration,
+    model: torch.nn.Module,
     recipe: TinyRecipe,
     batches: Callable[[], dict[str, torch.Tensor]],
     steps: int,
@@ -236,19 +197,19 @@ def pretrain(
     return float(ema)
 
 
-def _encode(processor: LlavaProcessor, rows: list[pretraining.Row]) -> pa.Table:
+def _encode(processor: ProcessorMixin, rows: list[pretraining.Row]) -> pa.Table:
     table = pa.table({"image": [r[0] for r in rows], "prompt": [r[1] for r in rows], "answer": [r[2] for r in rows]})
     return encode_table(processor, table, with_answers=True)
 
 
-def corpus_batches(processor: LlavaProcessor, recipe: TinyRecipe,
+def corpus_batches(processor: ProcessorMixin, recipe: TinyRecipe,
                    corpus: list[pretraining.Row]) -> Callable[[], dict[str, torch.Tensor]]:
     """Batches sampled from the fixed mixture corpus (encoded once)."""
     enc, rng, pad = _encode(processor, corpus), random.Random(recipe.seed), processor.tokenizer.pad_token_id
     return lambda: collate(enc.select(rng.sample(range(len(enc)), recipe.batch_size)), pad)
 
 
-def binding_batches(processor: LlavaProcessor, recipe: TinyRecipe) -> Callable[[], dict[str, torch.Tensor]]:
+def binding_batches(processor: ProcessorMixin, recipe: TinyRecipe) -> Callable[[], dict[str, torch.Tensor]]:
     """Batches of the binding stage, drawn fresh every step so that no scene is seen twice."""
     rng, pad = random.Random(f"binding:{recipe.seed}"), processor.tokenizer.pad_token_id
     draw = pretraining.draw_rows
@@ -274,7 +235,7 @@ def build(recipe: TinyRecipe, final: Path, progress: Callable[[int, float], None
     """Build, pretrain and save a recipe's backbone into `final` (atomically); returns `final`."""
     started = time.time()
     corpus = pretraining.corpus(recipe.seed, recipe.corpus_size, recipe.image_size)
-    processor = build_processor(recipe, tokenizer_text(corpus))
+    processor = build_processor(recipe, tokenizer_text(corpus, TINY_FAMILIES[recipe.family]))
     model = build_model(recipe, processor)
     vision_loss = pretrain_vision(model, processor, recipe, progress)
     mixture_loss = pretrain(model, recipe, corpus_batches(processor, recipe, corpus), recipe.steps,
