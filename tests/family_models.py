@@ -29,7 +29,7 @@ CONFIGS = {
         vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
                        "patch_size": 16, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]}),
     "llava_onevision": lambda: transformers.LlavaOnevisionConfig(
-        vision_config={**SIGLIP, "vision_use_head": False}, text_config={"model_type": "qwen2", **TEXT},
+        vision_config={**SIGLIP, "patch_size": 16, "vision_use_head": False}, text_config={"model_type": "qwen2", **TEXT},
         vision_feature_layer=-1),
     "idefics3": lambda: transformers.Idefics3Config(
         vision_config={k: v for k, v in SIGLIP.items() if k != "model_type"}, text_config={"model_type": "llama", **TEXT}),
@@ -58,6 +58,7 @@ QWEN_CHAT = (
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ONEVISION_CHAT = QWEN_CHAT.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")  # Qwen's turns
 GEMMA3_CHAT = (
     "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
     "<start_of_turn>{{ role }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
@@ -88,21 +89,35 @@ def tokenizer(specials: list[str], extra: dict[str, str], **named):
 
 def save_checkpoint(model_type: str, path) -> None:
     """A tiny random checkpoint of `model_type` with its processor and chat template, as a hub one is laid out."""
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         from strata.backbone.families.qwen2_vl import ImageOnlyQwen2VLProcessor
+        from strata.backbone.families.qwen3_vl import ImageOnlyQwen3VLProcessor
 
         tok = tokenizer(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                          "<|video_pad|>"], {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
                         eos_token="<|im_end|>")
-        side = 48 * 48
-        images = transformers.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2,
+        side, patch = 48 * 48, 16 if model_type == "qwen3_vl" else 8  # Qwen3-VL's tiny config has 16-pixel patches
+        images = transformers.Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2,
                                                        size={"shortest_edge": side, "longest_edge": side})
-        processor = ImageOnlyQwen2VLProcessor(image_processor=images, tokenizer=tok, chat_template=QWEN_CHAT)
+        cls = ImageOnlyQwen3VLProcessor if model_type == "qwen3_vl" else ImageOnlyQwen2VLProcessor
+        processor = cls(image_processor=images, tokenizer=tok, chat_template=QWEN_CHAT)
         config = CONFIGS[model_type]()
         ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
         for key, token in ids.items():
             setattr(config, key, tok.convert_tokens_to_ids(token))
+    elif model_type == "llava_onevision":
+        from strata.backbone.families.llava_onevision import ImageOnlyOneVisionProcessor
+
+        tok = tokenizer(["<|im_start|>", "<|im_end|>", "<image>", "<video>"], {"image_token": "<image>",
+                        "video_token": "<video>"}, eos_token="<|im_end|>")
+        tiles = [[48, 48], [48, 96], [96, 48], [96, 96]]  # a wide or tall image gets a second tile
+        images = transformers.LlavaOnevisionImageProcessorPil(size={"height": 48, "width": 48}, image_grid_pinpoints=tiles)
+        processor = ImageOnlyOneVisionProcessor(image_processor=images, tokenizer=tok, num_image_tokens=9,
+                                                vision_feature_select_strategy="full", chat_template=ONEVISION_CHAT)
+        config = CONFIGS["llava_onevision"]()
+        config.image_grid_pinpoints, config.vision_feature_select_strategy = tiles, "full"
+        config.image_token_index = tok.convert_tokens_to_ids("<image>")
     elif model_type == "idefics3":
         tok = tokenizer(["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                          "<global-img>"], {"image_token": "<image>"}, eos_token="<end_of_utterance>",
@@ -132,6 +147,7 @@ def save_checkpoint(model_type: str, path) -> None:
     text.vocab_size, text.pad_token_id, text.eos_token_id = len(tok), tok.pad_token_id, tok.eos_token_id
     text.bos_token_id = tok.bos_token_id
     config.tie_word_embeddings = True
+    torch.manual_seed(0)  # the same tiny model on every run, so what tests assert of its training is repeatable
     model = transformers.AutoModelForImageTextToText.from_config(config)
     if model_type == "gemma3":  # initialised to zeros, which would cut the vision side off the loss
         torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)

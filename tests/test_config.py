@@ -227,6 +227,8 @@ def test_smoke_test_shrinks_the_run_and_keeps_everything_else() -> None:
     assert (small.backbone.source, small.tasks, small.train.steps, small.n_test) == ("builtin:test", 2, 60, 80)
     assert (small.strategies, small.seed, small.train.batch_size) == (("dgg",), 3, 16)
     assert smoke_test(dataclasses.replace(cfg, tasks=2, train=TrainConfig(steps=10))).train.steps == 10
+    qwen = dataclasses.replace(cfg, backbone=BackboneSpec("builtin:tiny-qwen2vl"))
+    assert smoke_test(qwen).backbone.source == "builtin:test-qwen2vl"  # the same family, test-sized
 
 
 def test_a_strategy_section_that_is_not_a_mapping_and_options_of_the_wrong_class_are_named() -> None:

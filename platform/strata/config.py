@@ -233,9 +233,11 @@ class RunConfig:
 
 
 def smoke_test(cfg: RunConfig) -> RunConfig:
-    """The same run, small enough to check in minutes: test backbone, <= 2 tasks, 60 steps (lr >= 3e-3), few rows."""
+    """The same run, small enough to check in minutes: the test backbone of the same built-in family
+    (builtin:test, or builtin:test-qwen2vl for the Qwen one), <= 2 tasks, 60 steps (lr >= 3e-3), few rows."""
+    small = "builtin:test-qwen2vl" if cfg.backbone.source.endswith("qwen2vl") else "builtin:test"
     return dataclasses.replace(
-        cfg, backbone=dataclasses.replace(cfg.backbone, source="builtin:test"), tasks=min(cfg.tasks, 2),
+        cfg, backbone=dataclasses.replace(cfg.backbone, source=small), tasks=min(cfg.tasks, 2),
         n_train=min(cfg.n_train, 320), n_val=min(cfg.n_val, 16), n_test=min(cfg.n_test, 80),
         train=dataclasses.replace(cfg.train, steps=min(cfg.train.steps, 60), lr=max(cfg.train.lr, 3e-3),
                                   checkpoint_every=0),

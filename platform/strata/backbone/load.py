@@ -89,7 +89,7 @@ def load_processor(path: Path, family: Family):
 # (tests/backbone/test_family_training.py); the other families are recognised, placed and inspected
 # (`strata backbone inspect`) but not yet trained. SmolVLM shares Idefics3's description, but its
 # processor class wants a video processor, which needs torchvision.
-TRAINED_TYPES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3")
+TRAINED_TYPES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3")
 
 
 def trainable_family(path: Path) -> Family:

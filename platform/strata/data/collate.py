@@ -58,12 +58,23 @@ class Encoded:
         )
 
 
-def _rows(out, n: int) -> dict[str, list[torch.Tensor]]:
+def _tiles(image_processor, image_sizes: torch.Tensor) -> list[int]:
+    """How many of each image's tile rows are real (OneVision pads every image to the chunk's most)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    return [image_size_to_num_patches(size.tolist(), image_processor.image_grid_pinpoints,
+                                      image_processor.size["height"]) for size in image_sizes]
+
+
+def _rows(processor, out, n: int) -> dict[str, list[torch.Tensor]]:
     """The processor's image outputs for a chunk of `n` one-image rows, split per row."""
     rows = {}
     if "image_grid_thw" in out:  # Qwen: every image's patch rows, one after another
         rows["pixel_values"] = list(torch.split(out["pixel_values"], out["image_grid_thw"].prod(-1).tolist()))
         rows["image_grid_thw"] = list(out["image_grid_thw"].split(1))
+    if "image_sizes" in out and out["pixel_values"].dim() == 5:  # OneVision: each image's own tiles, no padding
+        tiles = _tiles(processor.image_processor, out["image_sizes"])
+        rows["pixel_values"] = [p[:k] for p, k in zip(out["pixel_values"], tiles)]
     for key, value in out.items():
         if key not in rows and key not in ("input_ids", "attention_mask", *TOKEN_TYPES):
             if len(value) != n:
@@ -91,7 +102,7 @@ def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
         # One list per row: Gemma 3's processor needs them nested, and the others take them so too.
         enc = processor(text=texts, images=[[decode_image(r["image"])] for r in chunk], return_tensors="pt",
                         padding=True, add_special_tokens=False)
-        for key, value in _rows(enc, len(chunk)).items():
+        for key, value in _rows(processor, enc, len(chunk)).items():
             images.setdefault(key, []).extend(value)
         mask = enc["attention_mask"].bool()
         for i, (row, prompt_ids, m) in enumerate(zip(chunk, enc["input_ids"], mask)):
@@ -123,5 +134,14 @@ def collate(enc: Encoded, pad_id: int, left_pad: bool = False) -> dict[str, torc
         for key, rows in enc.token_types.items():  # answer tokens are text: type 0
             types[key][i, sl.start : sl.start + len(rows[i])] = torch.tensor(rows[i])
     grid = "image_grid_thw" in enc.images
-    images = {k: torch.cat(v) if grid and k in PATCH_ROWS else torch.stack(v) for k, v in enc.images.items()}
+    images = {k: torch.cat(v) if grid and k in PATCH_ROWS else _stack(v) for k, v in enc.images.items()}
     return {"input_ids": input_ids, "attention_mask": attention, **images, **types, "labels": labels}
+
+
+def _stack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-row tensors; rows with fewer leading entries (OneVision's tiles) are zero-padded, and
+    the model reads only each image's real ones (from `image_sizes`)."""
+    if all(r.shape == rows[0].shape for r in rows):
+        return torch.stack(rows)
+    longest = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r.new_zeros(longest - len(r), *r.shape[1:])]) for r in rows])

@@ -26,12 +26,24 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
-def load_processor(path) -> ImageOnlyQwen2VLProcessor:
-    """A Qwen2-VL or Qwen2.5-VL checkpoint's processor, images only, with the PIL image processor."""
-    template = Path(path) / "chat_template.jinja"
-    return ImageOnlyQwen2VLProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                                     template.read_text() if template.exists() else None)
+def images_only_loader(cls: type[ProcessorMixin]):
+    """A loader of a Qwen checkpoint's processor `cls`, images only, with the PIL image processor
+    (Qwen2-VL's, which Qwen2.5-VL and Qwen3-VL checkpoints name too)."""
 
+    def load(path) -> ProcessorMixin:
+        template = Path(path) / "chat_template.jinja"
+        return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
+                   template.read_text() if template.exists() else None)
+
+    return load
+
+
+load_processor = images_only_loader(ImageOnlyQwen2VLProcessor)
+
+
+# Qwen's 3-D rope positions are computed from the ids and the attention mask together.
+QWEN_REFUSED = {"prefix": "PEFT lengthens the attention mask by the virtual tokens but not the input ids, and "
+                          "Qwen's 3-D rope positions are computed from both, so the forward fails"}
 
 _COMMON = {
     "vision_layers": r"visual\.blocks",
@@ -40,8 +52,7 @@ _COMMON = {
     "projector_block": "visual.merger",
     "vision_parts": ("visual",),
     "load_processor": load_processor,
-    "refused_kinds": {"prefix": "PEFT lengthens the attention mask by the virtual tokens but not the input ids, "
-                                "and Qwen's 3-D rope positions are computed from both, so the forward fails"},
+    "refused_kinds": QWEN_REFUSED,
 }
 
 QWEN2_VL = register(Family(

@@ -4,7 +4,18 @@ The vision MLP and the mergers share the leaf names `linear_fc1`/`linear_fc2`, s
 is told apart by its path.
 """
 
+from transformers import Qwen3VLProcessor
+
 from strata.backbone.families import Family, register
+from strata.backbone.families.qwen2_vl import QWEN_REFUSED, images_only_loader
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL's processor without its video half (its video processor needs torchvision)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
+
 
 QWEN3_VL = register(Family(
     name="qwen3-vl",
@@ -15,4 +26,6 @@ QWEN3_VL = register(Family(
     projector=r"visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc[12]",
     projector_block="visual.merger",
     vision_parts=("visual",),
+    load_processor=images_only_loader(ImageOnlyQwen3VLProcessor),
+    refused_kinds=QWEN_REFUSED,
 ))
