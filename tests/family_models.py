@@ -118,15 +118,22 @@ def save_checkpoint(model_type: str, path) -> None:
         config = CONFIGS["llava_onevision"]()
         config.image_grid_pinpoints, config.vision_feature_select_strategy = tiles, "full"
         config.image_token_index = tok.convert_tokens_to_ids("<image>")
-    elif model_type == "idefics3":
+    elif model_type in ("idefics3", "smolvlm"):
+        from strata.backbone.families.idefics3 import ImageOnlySmolVLMProcessor
+
         tok = tokenizer(["<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
                          "<global-img>"], {"image_token": "<image>"}, eos_token="<end_of_utterance>",
                         bos_token="<|im_start|>")
-        images = transformers.Idefics3ImageProcessorPil(size={"longest_edge": 48}, do_image_splitting=False,
-                                                         max_image_size={"longest_edge": 48})
-        processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=9,
-                                                   chat_template=IDEFICS3_CHAT)
-        config = CONFIGS["idefics3"]()
+        size = {"size": {"longest_edge": 48}, "do_image_splitting": False, "max_image_size": {"longest_edge": 48}}
+        if model_type == "smolvlm":
+            images = transformers.SmolVLMImageProcessorPil(**size)
+            processor = ImageOnlySmolVLMProcessor(image_processor=images, tokenizer=tok, image_seq_len=9,
+                                                  chat_template=IDEFICS3_CHAT)
+        else:
+            images = transformers.Idefics3ImageProcessorPil(**size)
+            processor = transformers.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=9,
+                                                       chat_template=IDEFICS3_CHAT)
+        config = CONFIGS[model_type]()
         config.image_token_id = tok.convert_tokens_to_ids("<image>")
     elif model_type == "gemma3":
         tok = tokenizer(["<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",

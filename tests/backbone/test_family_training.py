@@ -30,6 +30,7 @@ from strata.train.loop import train_task
 
 QWEN = ("<|im_start|>assistant\n", "<|im_end|>")
 FAMILIES = {"llava_onevision": QWEN, "qwen2_vl": QWEN, "qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "idefics3": ("Assistant:", "<end_of_utterance>"),
+            "smolvlm": ("Assistant:", "<end_of_utterance>"),
             "gemma3": ("<start_of_turn>model\n", "<end_of_turn>")}
 
 

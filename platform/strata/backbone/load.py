@@ -87,9 +87,8 @@ def load_processor(path: Path, family: Family):
 
 # Model types whose rows Strata's data path (chat rendering, batching, pooled features) is tested on
 # (tests/backbone/test_family_training.py); the other families are recognised, placed and inspected
-# (`strata backbone inspect`) but not yet trained. SmolVLM shares Idefics3's description, but its
-# processor class wants a video processor, which needs torchvision.
-TRAINED_TYPES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "gemma3")
+# (`strata backbone inspect`) but not yet trained.
+TRAINED_TYPES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
 
 
 def trainable_family(path: Path) -> Family:
