@@ -59,6 +59,7 @@ QWEN_CHAT = (
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 ONEVISION_CHAT = QWEN_CHAT.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")  # Qwen's turns
+INTERNVL_CHAT = QWEN_CHAT.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>")
 GEMMA3_CHAT = (
     "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
     "<start_of_turn>{{ role }}\n{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>"
@@ -118,6 +119,19 @@ def save_checkpoint(model_type: str, path) -> None:
         config = CONFIGS["llava_onevision"]()
         config.image_grid_pinpoints, config.vision_feature_select_strategy = tiles, "full"
         config.image_token_index = tok.convert_tokens_to_ids("<image>")
+    elif model_type == "internvl":
+        from strata.backbone.families.internvl import ImageOnlyInternVLProcessor
+
+        tok = tokenizer(["<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+                        {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                         "video_token": "<video>"}, eos_token="<|im_end|>")
+        # Up to 4 tiles and a thumbnail: a wide image gets more tiles than a square one.
+        images = transformers.GotOcr2ImageProcessorPil(size={"height": 48, "width": 48}, crop_to_patches=True,
+                                                       min_patches=1, max_patches=4)
+        processor = ImageOnlyInternVLProcessor(image_processor=images, tokenizer=tok, image_seq_length=9,
+                                               chat_template=INTERNVL_CHAT)
+        config = CONFIGS["internvl"]()
+        config.image_token_id = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     elif model_type in ("idefics3", "smolvlm"):
         from strata.backbone.families.idefics3 import ImageOnlySmolVLMProcessor
 

@@ -18,7 +18,7 @@ from strata.config import AdapterSpec, BackboneSpec
 from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 
-FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
+FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl")
 CASES = [(kind, placement) for kind, placements in COMPATIBLE.items() for placement in placements]
 SIDES = {"vision_only": {"vision"}, "language_only": {"language"}}
 

@@ -24,7 +24,7 @@ from strata.strategies.cma import CMAConfig
 from strata.strategies.mode import MoDEConfig
 
 
-@pytest.mark.parametrize("model_type", ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3"])
+@pytest.mark.parametrize("model_type", ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3", "internvl"])
 def test_every_strategy_runs_a_stream_on_the_family(model_type: str, tmp_path: Path) -> None:
     save_checkpoint(model_type, tmp_path / "model")
     # MoDE distils on reference rows; a checkpoint that is not built in brings its own.

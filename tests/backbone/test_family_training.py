@@ -29,7 +29,7 @@ from strata.strategies import make_strategy
 from strata.train.loop import train_task
 
 QWEN = ("<|im_start|>assistant\n", "<|im_end|>")
-FAMILIES = {"llava_onevision": QWEN, "qwen2_vl": QWEN, "qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "idefics3": ("Assistant:", "<end_of_utterance>"),
+FAMILIES = {"llava_onevision": QWEN, "internvl": QWEN, "qwen2_vl": QWEN, "qwen2_5_vl": QWEN, "qwen3_vl": QWEN, "idefics3": ("Assistant:", "<end_of_utterance>"),
             "smolvlm": ("Assistant:", "<end_of_utterance>"),
             "gemma3": ("<start_of_turn>model\n", "<end_of_turn>")}
 
@@ -115,8 +115,9 @@ def test_qwen_batches_images_of_different_sizes(tmp_path: Path) -> None:
 
 
 @torch.no_grad()
-def test_onevision_batches_images_of_different_tile_counts(tmp_path: Path) -> None:
-    save_checkpoint("llava_onevision", tmp_path)
+@pytest.mark.parametrize("model_type", ["llava_onevision", "internvl"])
+def test_tiled_images_of_different_tile_counts_batch_as_they_run_alone(model_type: str, tmp_path: Path) -> None:
+    save_checkpoint(model_type, tmp_path)
     model, processor = load_backbone(BackboneSpec(str(tmp_path)), tmp_path)
     pictures = []
     for size in ((48, 48), (100, 40), (40, 100)):
@@ -125,9 +126,13 @@ def test_onevision_batches_images_of_different_tile_counts(tmp_path: Path) -> No
         pictures.append(buffer.getvalue())
     table = pa.table({"image": pictures, "prompt": ["What colour is it?"] * 3, "answer": ["blue"] * 3})
     enc = encode_table(processor, table, with_answers=True)
-    assert [len(p) for p in enc.images["pixel_values"]] == [2, 3, 3]  # a base tile plus its grid's, no padding
+    tiles = [len(p) for p in enc.images["pixel_values"]]
+    assert tiles[1] == tiles[2] > tiles[0]  # each image keeps its own tiles, no padding
     batch = collate(enc, processor.tokenizer.pad_token_id)
-    assert batch["pixel_values"].shape[:2] == (3, 3)  # padded to the most tiles; image_sizes says which are real
+    if model_type == "internvl":  # every image's tiles in one tensor
+        assert batch["pixel_values"].shape[0] == sum(tiles)
+    else:  # padded to the most tiles; image_sizes says which are real
+        assert batch["pixel_values"].shape[:2] == (3, max(tiles))
     together = model(**batch).logits
     for i in range(3):
         alone = model(**collate(enc.select([i]), processor.tokenizer.pad_token_id)).logits[0]
@@ -135,7 +140,7 @@ def test_onevision_batches_images_of_different_tile_counts(tmp_path: Path) -> No
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl", "llava_onevision"])
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen3_vl", "llava_onevision", "internvl"])
 def test_a_mixed_adapter_batch_on_qwen_matches_peft_row_by_row(model_type: str, tmp_path: Path) -> None:
     """Serving's gathered LoRA on a tower that takes all images' patch rows in one tensor."""
     from strata.adapters.lora import add_adapter

@@ -13,8 +13,6 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from strata import cli
-from strata.backbone.load import load_backbone
-from strata.config import BackboneSpec
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +66,3 @@ def test_remote_code_unsupported_and_bad_overrides_are_refused(tmp_path: Path) -
     assert code == 1 and "unsupported backbone architecture 'blip-2'" in out and "qwen2_vl" in out
     code, out = inspect("builtin:test", "--placement", "everywhere")
     assert code == 1 and "adapter.placement must be one of" in out
-
-
-def test_training_a_family_not_wired_yet_is_refused_by_name(tmp_path: Path) -> None:
-    saved_config(tmp_path, "internvl")
-    with pytest.raises(ValueError, match=r"model type 'internvl' \(family internvl\).*cannot train, evaluate or serve it yet"):
-        load_backbone(BackboneSpec(str(tmp_path)), tmp_path)

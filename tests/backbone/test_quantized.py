@@ -297,7 +297,7 @@ def test_an_already_quantized_model_is_refused(q4_spec, backbone_dir, tmp_path: 
 def test_a_model_with_nothing_to_quantize_is_refused(q8_spec, backbone_dir, monkeypatch) -> None:
     # Stands in for a model whose LM has no nn.Linear layers bitsandbytes could replace.
     everything_kept = dataclasses.replace(LLAVA, vision_parts=(*LLAVA.vision_parts, "language_model"))
-    monkeypatch.setattr(load_module, "trainable_family", lambda path: everything_kept)
+    monkeypatch.setattr(load_module, "checkpoint_family", lambda path: everything_kept)
     with pytest.raises(ValueError, match="cannot be quantized"):
         load_backbone(q8_spec, backbone_dir)
 

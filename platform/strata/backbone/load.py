@@ -63,7 +63,7 @@ def load_backbone(spec: BackboneSpec, path: Path | None = None, device: torch.de
     """
     path = Path(path or resolve(spec))
     device = _device(device)
-    family = trainable_family(path)
+    family = checkpoint_family(path)
     if spec.quantization is None:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
         if device.type != "cpu":
@@ -85,21 +85,9 @@ def load_processor(path: Path, family: Family):
     return processor
 
 
-# Model types whose rows Strata's data path (chat rendering, batching, pooled features) is tested on
-# (tests/backbone/test_family_training.py); the other families are recognised, placed and inspected
-# (`strata backbone inspect`) but not yet trained.
-TRAINED_TYPES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "gemma3")
-
-
-def trainable_family(path: Path) -> Family:
-    """The family of the checkpoint at `path`, refusing one that Strata cannot train yet."""
-    config = read_config(path)
-    family = family_of(config)
-    if config.model_type not in TRAINED_TYPES:
-        raise ValueError(f"{path}: model type {config.model_type!r} (family {family.name}). Strata recognises this "
-                         f"family (`strata backbone inspect` shows where adapters land) but cannot train, evaluate "
-                         f"or serve it yet: its batching is not wired. Trained today: {', '.join(TRAINED_TYPES)}")
-    return family
+def checkpoint_family(path: Path) -> Family:
+    """The family of the checkpoint at `path` (an unsupported architecture is refused by name)."""
+    return family_of(read_config(path))
 
 
 @functools.lru_cache(maxsize=1)

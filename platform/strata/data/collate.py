@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 from PIL import Image
+from transformers import InternVLProcessor
 
 from strata.data.schema import turns, with_history
 from strata.data.template import Chat, render_answer, render_prompt
@@ -23,7 +24,7 @@ from strata.data.template import Chat, render_answer, render_prompt
 IGNORE = -100
 _CHUNK = 512  # rows per processor call: bounds peak memory of decoded images
 TOKEN_TYPES = ("mm_token_type_ids", "token_type_ids")  # per-token image masks some processors return
-PATCH_ROWS = ("pixel_values", "image_grid_thw")  # concatenated across a batch when the processor returns a grid
+PATCH_ROWS = ("pixel_values", "image_grid_thw")  # concatenated across a batch when the tower takes them flat
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -42,6 +43,7 @@ class Encoded:
     answers: list[str]
     prompt_lengths: list[int]
     token_types: dict[str, list[list[int]]]  # e.g. Qwen's mm_token_type_ids: per row, over the prompt
+    flat: bool = False  # the tower takes every image's rows (Qwen's patches, InternVL's tiles) in one tensor
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -55,6 +57,7 @@ class Encoded:
             [self.answers[i] for i in idx],
             [self.prompt_lengths[i] for i in idx],
             {k: [v[i] for i in idx] for k, v in self.token_types.items()},
+            self.flat,
         )
 
 
@@ -75,6 +78,10 @@ def _rows(processor, out, n: int) -> dict[str, list[torch.Tensor]]:
     if "image_sizes" in out and out["pixel_values"].dim() == 5:  # OneVision: each image's own tiles, no padding
         tiles = _tiles(processor.image_processor, out["image_sizes"])
         rows["pixel_values"] = [p[:k] for p, k in zip(out["pixel_values"], tiles)]
+    if isinstance(processor, InternVLProcessor):  # every image's tiles, one after another
+        per_tile = processor.image_seq_length  # image tokens each tile puts in the prompt
+        tiles = ((out["input_ids"] == processor.image_token_id).sum(1) // per_tile).tolist()
+        rows["pixel_values"] = list(torch.split(out["pixel_values"], tiles))
     for key, value in out.items():
         if key not in rows and key not in ("input_ids", "attention_mask", *TOKEN_TYPES):
             if len(value) != n:
@@ -115,7 +122,8 @@ def encode_table(processor, table: pa.Table, with_answers: bool) -> Encoded:
             for key in TOKEN_TYPES:
                 if key in enc:
                     types.setdefault(key, []).append(enc[key][i][m].tolist())
-    return Encoded(ids, labels, images, [r["answer"] for r in rows], prompt_lengths, types)
+    flat = "image_grid_thw" in images or isinstance(processor, InternVLProcessor)
+    return Encoded(ids, labels, images, [r["answer"] for r in rows], prompt_lengths, types, flat)
 
 
 def collate(enc: Encoded, pad_id: int, left_pad: bool = False) -> dict[str, torch.Tensor]:
@@ -133,8 +141,7 @@ def collate(enc: Encoded, pad_id: int, left_pad: bool = False) -> dict[str, torc
         attention[i, sl] = 1
         for key, rows in enc.token_types.items():  # answer tokens are text: type 0
             types[key][i, sl.start : sl.start + len(rows[i])] = torch.tensor(rows[i])
-    grid = "image_grid_thw" in enc.images
-    images = {k: torch.cat(v) if grid and k in PATCH_ROWS else _stack(v) for k, v in enc.images.items()}
+    images = {k: torch.cat(v) if enc.flat and k in PATCH_ROWS else _stack(v) for k, v in enc.images.items()}
     return {"input_ids": input_ids, "attention_mask": attention, **images, **types, "labels": labels}
 
 

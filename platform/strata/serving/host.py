@@ -221,8 +221,8 @@ class AdapterHost:
 
     def _generate(self, enc, names: list[str], requests: list[Request],
                   temperature: float) -> list[tuple[str, list[int], str]]:
-        # Qwen's tower takes every image's patch rows in one tensor, OneVision's every image's real tiles.
-        flat = "image_grid_thw" in enc.images or "image_sizes" in enc.images
+        # Qwen's and InternVL's towers take every image's rows in one tensor, OneVision's every image's real tiles.
+        flat = enc.flat or "image_sizes" in enc.images
         with self.mixed.select(names, [len(p) for p in enc.images["pixel_values"]] if flat else None) as model:
             out = generate(model, self.processor, enc, [r.max_tokens for r in requests], temperature)
         return [(g.text, g.tokens, g.finish_reason) for g in out]
