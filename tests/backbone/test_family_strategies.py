@@ -19,6 +19,7 @@ from strata.data.benchmark import generate_task
 from strata.data.collate import collate, encode_table
 from strata.data.schema import write_table
 from strata.registry import Ref, Registry
+from strata.serving.host import AdapterHost, Request
 from strata.strategies import builtin
 from strata.strategies.cma import CMAConfig
 from strata.strategies.mode import MoDEConfig
@@ -52,3 +53,8 @@ def test_every_strategy_runs_a_stream_on_the_family(model_type: str, tmp_path: P
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, peft.eval()(**batch).logits, rtol=1e-4, atol=1e-4)
+    # Served from the same registry: `default/auto` routes each row to a Decoupled task adapter.
+    host = AdapterHost(registry.uri, cfg.backbone, capacity=4)
+    rows = generate_task("colour", 0, 0, 0, 2).to_pylist()
+    done = host.complete([Request("default/auto", r["prompt"], r["image"], max_tokens=3) for r in rows])
+    assert all(c.route is not None and c.model.startswith(f"default/{c.route.task}@v") for c in done)
