@@ -92,16 +92,20 @@ def test_it_trains_decodes_routes_and_reloads_with_plain_peft(checkpoint, tmp_pa
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
 
 
+def one_colour(sizes: tuple[tuple[int, int], ...], rgb: tuple[int, int, int], answer: str) -> pa.Table:
+    """Rows asking the colour of plain pictures of the given sizes."""
+    pictures = []
+    for size in sizes:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, rgb).save(buffer, format="PNG")
+        pictures.append(buffer.getvalue())
+    return pa.table({"image": pictures, "prompt": ["What colour is it?"] * len(sizes), "answer": [answer] * len(sizes)})
+
+
 def test_qwen_batches_images_of_different_sizes(tmp_path: Path) -> None:
     save_checkpoint("qwen2_vl", tmp_path)
     model, processor = load_backbone(BackboneSpec(str(tmp_path)), tmp_path)
-    pictures = []
-    for size in ((48, 48), (64, 32), (32, 64)):
-        buffer = io.BytesIO()
-        Image.new("RGB", size, (200, 30, 30)).save(buffer, format="PNG")
-        pictures.append(buffer.getvalue())
-    table = pa.table({"image": pictures, "prompt": ["What colour is it?"] * 3, "answer": ["red"] * 3})
-    enc = encode_table(processor, table, with_answers=True)
+    enc = encode_table(processor, one_colour(((48, 48), (64, 32), (32, 64)), (200, 30, 30), "red"), with_answers=True)
     patches = [len(p) for p in enc.images["pixel_values"]]
     assert len(set(patches)) > 1  # each image keeps its own number of patch rows
     batch = collate(enc.select([2, 0, 1]), processor.tokenizer.pad_token_id)
@@ -119,13 +123,8 @@ def test_qwen_batches_images_of_different_sizes(tmp_path: Path) -> None:
 def test_tiled_images_of_different_tile_counts_batch_as_they_run_alone(model_type: str, tmp_path: Path) -> None:
     save_checkpoint(model_type, tmp_path)
     model, processor = load_backbone(BackboneSpec(str(tmp_path)), tmp_path)
-    pictures = []
-    for size in ((48, 48), (100, 40), (40, 100)):
-        buffer = io.BytesIO()
-        Image.new("RGB", size, (30, 30, 200)).save(buffer, format="PNG")
-        pictures.append(buffer.getvalue())
-    table = pa.table({"image": pictures, "prompt": ["What colour is it?"] * 3, "answer": ["blue"] * 3})
-    enc = encode_table(processor, table, with_answers=True)
+    enc = encode_table(processor, one_colour(((48, 48), (100, 40), (40, 100)), (30, 30, 200), "blue"),
+                       with_answers=True)
     tiles = [len(p) for p in enc.images["pixel_values"]]
     assert tiles[1] == tiles[2] > tiles[0]  # each image keeps its own tiles, no padding
     batch = collate(enc, processor.tokenizer.pad_token_id)
