@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from strata.backbone.families.qwen2_vl import ImageOnlyQwen2VLProcessor
-from strata.data.template import EOS, IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, Chat
+from strata.data.template import EOS, IMAGE_TOKEN, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, Chat
 
 # Qwen's turns: "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n
 # <|im_start|>assistant\n {answer}<|im_end|>\n". No default system turn: the tiny LM never saw one. The
@@ -106,7 +106,7 @@ LLAVA = TinyFamily(
     specials=["<pad>", "<s>", EOS, IMAGE_TOKEN, "<unk>"],
     named_tokens={"pad_token": "<pad>", "bos_token": "<s>", "eos_token": EOS, "unk_token": "<unk>",
                   "extra_special_tokens": {"image_token": IMAGE_TOKEN}},
-    chat=Chat(LLAVA_CHAT_TEMPLATE, {"eos_token": EOS}),
+    chat=LLAVA_CHAT,
     processor=_llava_processor, model=_llava_model,
     vision=lambda model: model.model.vision_tower, grid_tokens=_llava_grid,
 )
