@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pyarrow as pa
 import pytest
 import torch
@@ -10,7 +12,7 @@ from strata.backbone.load import load_backbone
 from strata.data.benchmark import generate_task
 from strata.data.collate import IGNORE, collate, decode_image, encode_table
 from strata.data.schema import HISTORY
-from strata.data.template import EOS, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, render_answer, render_prompt
+from strata.data.template import EOS, LLAVA_CHAT, LLAVA_CHAT_TEMPLATE, Chat, render_answer, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +140,17 @@ def test_text_only_rows_are_refused_clearly(loaded, table) -> None:
                                 pa.array([None] * table.num_rows, pa.binary()))
     with pytest.raises(ValueError, match="text-only rows"):
         encode_table(loaded[1], no_image, with_answers=True)
+
+
+def test_a_template_that_does_not_end_the_answer_with_eos_is_refused() -> None:
+    no_eos = Chat("{% for m in messages %}{{ m['role'] }}: {{ m['content'][-1]['text'] }}\n{% endfor %}",
+                  {"eos_token": EOS})
+    with pytest.raises(ValueError, match="does not write the answer after its generation prompt, ended by '</s>'"):
+        render_answer(no_eos, "What colour?", "red")
+
+
+def test_a_processor_without_a_chat_template_is_refused(loaded) -> None:
+    processor = copy.copy(loaded[1])
+    processor.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template: load it with strata.backbone.load"):
+        encode_table(processor, generate_task("colour", 0, 1, 0, 0), with_answers=True)

@@ -5,9 +5,7 @@ Qwen2.5-VL's vision MLP uses `gate_proj`, `up_proj` and `down_proj` like the LM.
 here is anchored at its tower, so a side's adapter never lands on the other one.
 """
 
-from pathlib import Path
-
-from transformers import AutoTokenizer, ProcessorMixin, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+from transformers import Qwen2VLProcessor
 
 from strata.backbone.families import Family, register
 
@@ -17,28 +15,12 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 
     transformers builds a Qwen processor only with a video processor, and video processors need
     torchvision, which has no build for a CPU-only torch. Strata passes images only, so this class
-    leaves the video processor out; everything else is Qwen2VLProcessor's.
+    leaves the video processor out; everything else is Qwen2VLProcessor's. Loaded from a
+    checkpoint, it takes the PIL image processor whichever one the checkpoint names.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs) -> None:
-        self.image_token, self.video_token = tokenizer.image_token, tokenizer.video_token
-        self.image_token_id, self.video_token_id = tokenizer.image_token_id, tokenizer.video_token_id
-        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-
-def images_only_loader(cls: type[ProcessorMixin]):
-    """A loader of a Qwen checkpoint's processor `cls`, images only, with the PIL image processor
-    (Qwen2-VL's, which Qwen2.5-VL and Qwen3-VL checkpoints name too)."""
-
-    def load(path) -> ProcessorMixin:
-        template = Path(path) / "chat_template.jinja"
-        return cls(Qwen2VLImageProcessorPil.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                   template.read_text() if template.exists() else None)
-
-    return load
-
-
-load_processor = images_only_loader(ImageOnlyQwen2VLProcessor)
+        super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
 
 # Qwen's 3-D rope positions are computed from the ids and the attention mask together.
@@ -51,7 +33,7 @@ _COMMON = {
     "projector": r"visual\.merger\.mlp\.[02]",
     "projector_block": "visual.merger",
     "vision_parts": ("visual",),
-    "load_processor": load_processor,
+    "load_processor": ImageOnlyQwen2VLProcessor.from_pretrained,
     "refused_kinds": QWEN_REFUSED,
 }
 

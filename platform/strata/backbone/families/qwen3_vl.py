@@ -7,7 +7,7 @@ is told apart by its path.
 from transformers import Qwen3VLProcessor
 
 from strata.backbone.families import Family, register
-from strata.backbone.families.qwen2_vl import QWEN_REFUSED, images_only_loader
+from strata.backbone.families.qwen2_vl import QWEN_REFUSED
 
 
 class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
@@ -26,6 +26,6 @@ QWEN3_VL = register(Family(
     projector=r"visual\.(merger|deepstack_merger_list\.\d+)\.linear_fc[12]",
     projector_block="visual.merger",
     vision_parts=("visual",),
-    load_processor=images_only_loader(ImageOnlyQwen3VLProcessor),
+    load_processor=ImageOnlyQwen3VLProcessor.from_pretrained,
     refused_kinds=QWEN_REFUSED,
 ))
