@@ -15,6 +15,10 @@ with 16 LoRA adapters (rank 8, vision tower + projector + LM), side by side in o
               PEFT attach).
   http        the Serve app on loopback, 32 concurrent clients, 8-token answers: 1 adapter, 16
               adapters uniform, 16 adapters skewed (Zipf, s=1.2); requests/s.
+  first token 8 concurrent clients, 32 tokens forced (`ignore_eos`), the default batch window:
+              time to the first streamed token and to the last, beside an unstreamed answer.
+  hot spread  2 replicas, 90% of the requests on one adapter: each replica's share of them
+              (from /v1/stats), and how many requests failed.
 Writes benchmarks/results/serve.json, a plot beside it, and prints the tables.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import platform
@@ -151,7 +156,7 @@ def switches(host: AdapterHost, n: int) -> dict:
         out = []
         for m in models:
             start = time.perf_counter()
-            host.complete([Request(m, row["prompt"], row["image"], max_tokens=1)])
+            host.complete([Request(m, row["prompt"], (row["image"],), max_tokens=1)])
             out.append(time.perf_counter() - start)
         return out
 
@@ -185,13 +190,14 @@ def cold_load(spec: BackboneSpec, reg: Registry, repeats: int) -> dict:
         host.load(ref)
         loads.append(time.perf_counter() - start)
         start = time.perf_counter()
-        host.complete([Request(str(ref), row["prompt"], row["image"], max_tokens=1)])
+        host.complete([Request(str(ref), row["prompt"], (row["image"],), max_tokens=1)])
         firsts.append(time.perf_counter() - start)
     return {"load_p50_ms": 1e3 * statistics.median(loads), "first_request_p50_ms": 1e3 * statistics.median(firsts)}
 
 
 def http(spec: BackboneSpec, reg: Registry, requests: int, console: Console) -> dict:
-    """Requests/s through the Serve app on loopback: 1 adapter, 16 uniform, 16 skewed."""
+    """Through the Serve app on loopback: throughput by traffic mix, time to first token, and a hot adapter
+    spread over two replicas."""
     import ray
     from ray import serve
     from serve_apps.openai_app import app  # installed with the package
@@ -201,38 +207,122 @@ def http(spec: BackboneSpec, reg: Registry, requests: int, console: Console) -> 
         port = s.getsockname()[1]
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app({"registry": reg.uri, "backbone": spec.source, "capacity": ADAPTERS, "max_batch_size": 32,
-                   "batch_wait_s": 0.01}), name="strata", route_prefix="/")
+    args = {"registry": reg.uri, "backbone": spec.source, "capacity": ADAPTERS, "max_batch_size": 32}
+    serve.run(app({**args, "batch_wait_s": 0.01}), name="strata", route_prefix="/")
     row = generate_task("colour", 0, n_train=0, n_val=0, n_test=1).to_pylist()[0]
-    url = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
+    client = Client(port, row)
     ids = [f"bench/a{i:02d}" for i in range(ADAPTERS)]
     rng = np.random.default_rng(0)
     zipf = 1 / np.arange(1, ADAPTERS + 1) ** 1.2
     mixes = {"1 adapter": [ids[0]] * requests, "16 adapters, uniform": [ids[i % ADAPTERS] for i in range(requests)],
              "16 adapters, skewed": list(rng.choice(ids, size=requests, p=zipf / zipf.sum()))}
-
-    def one(model: str) -> None:
-        body = {"model": model, "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": row["prompt"]}, {"type": "image_url", "image_url": {"url": url}}]}]}
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as reply:
-            reply.read()
-
-    out = {}
+    out: dict = {"requests_per_s": {}}
     try:
         with ThreadPoolExecutor(32) as pool:
-            list(pool.map(one, ids * 2))  # warm: every adapter resident
+            list(pool.map(client.plain, ids * 2))  # warm: every adapter resident
             for label, models in mixes.items():
                 start = time.perf_counter()
-                list(pool.map(one, models))
-                out[label] = requests / (time.perf_counter() - start)
-                console.log(f"http {label}: {out[label]:.1f} requests/s")
+                list(pool.map(client.plain, models))
+                out["requests_per_s"][label] = requests / (time.perf_counter() - start)
+                console.log(f"http {label}: {out['requests_per_s'][label]:.1f} requests/s")
+        serve.run(app(args), name="strata", route_prefix="/")  # the default batch window
+        out["first_token"] = first_token(client, ids, requests)
+        console.log(f"time to first token: {out['first_token']['ttft_vs_full_p50']:.2f} of the full latency (p50)")
+        serve.run(app({**args, "replicas": 2}), name="strata", route_prefix="/")
+        out["hot_spread"] = hot_spread(client, ids, 2 * requests)
+        console.log(f"hot adapter per replica: {out['hot_spread']['hot_share_per_replica']}")
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"requests_per_s": out, "uniform_vs_one": out["16 adapters, uniform"] / out["1 adapter"],
-            "skewed_vs_one": out["16 adapters, skewed"] / out["1 adapter"]}
+    h = out["requests_per_s"]
+    return {**out, "uniform_vs_one": h["16 adapters, uniform"] / h["1 adapter"],
+            "skewed_vs_one": h["16 adapters, skewed"] / h["1 adapter"]}
+
+
+class Client:
+    """HTTP requests to the local app: plain or streamed, with their timings."""
+
+    def __init__(self, port: int, row: dict) -> None:
+        self.port, self.row = port, row
+        self.image = "data:image/png;base64," + base64.b64encode(row["image"]).decode()
+
+    def body(self, model: str, tokens: int = 8, **extra) -> dict:
+        return {"model": model, "max_tokens": tokens, "temperature": 0, **extra, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": self.image}}, {"type": "text", "text": self.row["prompt"]}]}]}
+
+    def plain(self, model: str, tokens: int = 8, **extra) -> dict:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/chat/completions",
+                                     json.dumps(self.body(model, tokens, **extra)).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as reply:
+            return json.loads(reply.read())
+
+    def streamed(self, model: str, tokens: int) -> tuple[float, float, int]:
+        """(seconds to the first text, seconds to the end, content events) of one streamed answer."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        start = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", json.dumps(self.body(model, tokens, stream=True, ignore_eos=True)),
+                     {"Content-Type": "application/json"})
+        reply, first, pieces = conn.getresponse(), None, 0
+        while line := reply.readline():
+            if line.startswith(b"data: [DONE]"):
+                break
+            if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - start
+                pieces += 1
+        conn.close()
+        return first or float("nan"), time.perf_counter() - start, pieces
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/stats", timeout=30) as reply:
+            return json.loads(reply.read())
+
+
+def first_token(client: Client, ids: list[str], requests: int, clients: int = 8, tokens: int = 32) -> dict:
+    """Time to first token beside the full latency, streamed and not: 8 clients, 32 tokens forced."""
+    def timed_plain(model: str) -> float:
+        start = time.perf_counter()
+        client.plain(model, tokens, ignore_eos=True)
+        return time.perf_counter() - start
+
+    models = [ids[i % ADAPTERS] for i in range(requests)]
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(timed_plain, ids))  # warm
+        plain = list(pool.map(timed_plain, models))
+        streamed = list(pool.map(lambda m: client.streamed(m, tokens), models))
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q))
+    ttft, full = [s[0] for s in streamed], [s[1] for s in streamed]
+    return {"clients": clients, "tokens": tokens, "requests": requests,
+            "streamed_ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+            "streamed_full_ms": {"p50": pct(full, 50), "p99": pct(full, 99)},
+            "plain_full_ms": {"p50": pct(plain, 50), "p99": pct(plain, 99)},
+            "content_events_p50": float(np.median([s[2] for s in streamed])),
+            "ttft_vs_full_p50": statistics.median(ttft) / statistics.median(plain)}
+
+
+def hot_spread(client: Client, ids: list[str], requests: int, clients: int = 16) -> dict:
+    """Two replicas, 90% of the traffic on one adapter: how the hot adapter's requests split."""
+    deadline = time.monotonic() + 60
+    while len(client.stats()["replicas"]) != 2 and time.monotonic() < deadline:  # the old replica's report ages out
+        time.sleep(0.5)
+    rng = np.random.default_rng(1)
+    models = [ids[0] if rng.random() < 0.9 else ids[int(rng.integers(1, ADAPTERS))] for _ in range(requests)]
+    errors = 0
+
+    def one(model: str) -> None:
+        nonlocal errors
+        try:
+            client.plain(model)
+        except Exception:  # noqa: BLE001 - counted: the bar is no error at all
+            errors += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, models))
+    time.sleep(2.5)  # every replica's next heartbeat
+    hot = f"{ids[0]}@v1"
+    per = {r: s["requests"].get(hot, 0) for r, s in client.stats()["replicas"].items()}
+    return {"requests": requests, "errors": errors, "hot_requests_per_replica": per,
+            "hot_share_per_replica": [round(v / max(1, sum(per.values())), 3) for v in per.values()]}
 
 
 def report(results: dict, console: Console, out: Path) -> None:
@@ -257,6 +347,17 @@ def report(results: dict, console: Console, out: Path) -> None:
         for k, v in h["requests_per_s"].items():
             t.add_row(k, f"{v:.1f}", f"{v / h['requests_per_s']['1 adapter']:.2f}x")
         console.print(t)
+        ft = h["first_token"]
+        t = Table(title=f"{ft['clients']} clients, {ft['tokens']} tokens forced (ms)")
+        for col in ("", "p50", "p99"):
+            t.add_column(col, justify="right" if col else "left")
+        for label, key in (("streamed: first token", "streamed_ttft_ms"), ("streamed: last token", "streamed_full_ms"),
+                           ("not streamed: answer", "plain_full_ms")):
+            t.add_row(label, f"{ft[key]['p50']:.0f}", f"{ft[key]['p99']:.0f}")
+        console.print(t)
+        console.print(f"first token / full answer (p50): {ft['ttft_vs_full_p50']:.2f} (goal <= 0.3); "
+                      f"hot adapter per replica: {h['hot_spread']['hot_share_per_replica']} (goal >= 0.35 each), "
+                      f"{h['hot_spread']['errors']} errors")
     write_text(out, json.dumps(results, indent=1))
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.barh(list(f["seconds"]), [1e3 * v for v in f["seconds"].values()])

@@ -13,23 +13,38 @@ a micro-batcher gathers concurrent requests, for any mix of adapters, into one b
 
 import asyncio
 import json
+import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from strata.config import BackboneSpec
-from strata.registry import Ref, Registry, RegistryError
+from strata.data.collate import several_images
+from strata.registry import Ref, Registry, RegistryError, parse_id
 from strata.routing import ROUTER_FILE
 from strata.serving.batcher import MicroBatcher
-from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, resolve_id
-from strata.serving.openai import ApiError, Limits, completion_body, parse_chat, stream_chunks
+from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, adapter_name, resolve_id
+from strata.serving.openai import (
+    ApiError,
+    Chunks,
+    Limits,
+    Streaming,
+    completion_body,
+    parse_chat,
+    parse_completion,
+    text_completion_body,
+)
+from strata.serving.stream import END, Detokenizer, Tap
+from strata.serving.traffic import Reports, Traffic
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,9 @@ class ServeConfig:
     batch_wait_s: float = 0.005  # how long the micro-batcher waits for more requests
     token: str | None = None  # bearer token; None: $STRATA_SERVE_TOKEN, and no auth when that is unset
     replicas: int | None = None  # fixed AdapterServer replicas; None: the deployment config (autoscaling)
+    heartbeat_s: float = 1.0  # how often a replica reports its counters and learns what is hot
+    hot_window_s: float = 10.0  # the window the ingress counts requests over
+    hot_share: float = 0.25  # an adapter with this share of the window's requests is spread over all replicas
     limits: Limits = field(default_factory=Limits)
 
     @staticmethod
@@ -62,6 +80,32 @@ class ServeConfig:
         return ServeConfig(**args)
 
 
+def sse(event: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(event)}\n\n"
+
+
+def traffic_key(model: str, default_stream: str) -> str:
+    """An adapter as traffic counts it: `<stream>/<adapter>`, or `...@vN` when the request pins a version."""
+    stream, adapter, version = parse_id(model, default_stream)
+    return f"{stream}/{adapter}" + ("" if version is None else f"@v{version}")
+
+
+def api_error(e: Exception) -> ApiError:
+    """The HTTP error a failure becomes."""
+    if isinstance(e, RayTaskError) and isinstance(e.cause, Exception):  # raised in a replica
+        e = e.cause
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, UnknownAdapter):
+        return ApiError(404, str(e), "not_found_error", "model")
+    if isinstance(e, (RegistryError, ValueError)):
+        return ApiError(400, str(e), param="model")
+    # A replica died or failed: the client may retry elsewhere.
+    return ApiError(503, f"the adapter server failed ({type(e).__name__}); retry the request", "server_error")
+logger = logging.getLogger("ray.serve")
+
+
 class Resident:
     """What Serve's multiplexer holds per adapter; evicting it unloads the adapter from the host."""
 
@@ -70,10 +114,19 @@ class Resident:
 
     def __del__(self) -> None:
         # Serve calls this on eviction, and the garbage collector may call it again later, after
-        # the same adapter was loaded anew: only the first call may unload it.
+        # the same adapter was loaded anew: only the first call may unload it. A batch may be
+        # generating in its thread right now, so the host unloads it before the next batch.
         if self.live:
             self.live = False
-            self.host.unload(self.name)
+            self.host.release(self.name)
+
+
+@dataclass
+class Pending:
+    """A request in the micro-batcher, with the tap its tokens go to."""
+
+    request: Request
+    tap: Tap
 
 
 # Serve's default of 5 requests in flight per replica would cap every micro-batch at 5.
@@ -93,7 +146,7 @@ class AdapterServer:
         self.far = metrics.Counter("strata_low_confidence_routes",
                                    "`auto` requests far from every task's prototype, answered by the nearest.",
                                    tag_keys=("adapter",))
-        # Serve's LRU decides what stays; the host's own bound only guards `auto` rows loaded outside it.
+        # Serve's LRU decides what stays; the host's own bound guards what loads outside it (`auto`, hot).
         self.host = AdapterHost(self.cfg.registry, BackboneSpec(self.cfg.backbone), self.cfg.capacity + 4,
                                 self.cfg.default_stream, on_event=self._count)
         self.host.preload(list(self.cfg.preload))
@@ -103,35 +156,111 @@ class AdapterServer:
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.capacity)(load)
         # Not `serve.batch`: it splits a batch by multiplexed model id, and mixing adapters is the point.
-        self.batcher = MicroBatcher(self.host.complete, self.cfg.max_batch_size, self.cfg.batch_wait_s)
+        self.batcher = MicroBatcher(self._run, self.cfg.max_batch_size, self.cfg.batch_wait_s)
+        self.heartbeat: asyncio.Task | None = None
+        self.replica = "local"
 
     async def _load(self, model_id: str) -> Resident | None:
         ref = self.host.resolve(model_id)
         if isinstance(ref, str):
             return None  # `<stream>/auto`: its rows load their routed adapters in the batch
-        return Resident(self.host, self.host.load(ref))
+        async with self.batcher.lock:  # never while a batch generates
+            return Resident(self.host, await asyncio.to_thread(self.host.load, ref))
 
     def _count(self, event: str, adapter: str) -> None:
         (self.loads if event == "load" else self.evictions).inc(tags={"adapter": adapter})
 
-    async def complete(self, request: Request) -> Completion:
-        """Answer one request (batched with whatever else arrives within the wait)."""
-        started = time.perf_counter()
-        await self.get_model(serve.get_multiplexed_model_id())
-        completion = await self.batcher.submit(request)
+    def _run(self, items: list[Pending]) -> list[Completion]:
+        """One batch, in the batcher's thread: every streamed row's tokens go to its tap as they come."""
+        taps = [item.tap for item in items]
+        return self.host.complete([item.request for item in items], on_token=lambda row, token: taps[row].put(token),
+                                  cancelled=lambda row: taps[row].cancelled)
+
+    async def _admit(self, request: Request) -> None:
+        """Start the heartbeat, refuse what this backbone cannot take, and load a cold adapter through Serve's
+        LRU (a hot one has no multiplexed id: the batch loads it, and the heartbeat keeps it)."""
+        if len(request.images) > 1 and not several_images(self.host.processor):
+            raise ApiError(400, f"this backbone's family takes one image per conversation in Strata; got "
+                                f"{len(request.images)}", param="messages")
+        if self.heartbeat is None or self.heartbeat.done():
+            self.heartbeat = asyncio.create_task(self._beat())
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self.get_model(model_id)
+
+    def _observe(self, completion: Completion, started: float) -> None:
         self.requests.inc(tags={"adapter": completion.model})
         if completion.route is not None and completion.route.low_confidence:
             self.far.inc(tags={"adapter": completion.model})
         self.latency.observe(time.perf_counter() - started, tags={"adapter": completion.model})
+
+    async def complete(self, request: Request) -> Completion:
+        """Answer one request (batched with whatever else arrives within the wait)."""
+        started = time.perf_counter()
+        await self._admit(request)
+        tap = Tap(asyncio.get_running_loop(), streamed=False)
+        try:
+            completion = await self.batcher.submit(Pending(request, tap))
+        except asyncio.CancelledError:  # the client left: its row stops at the next token
+            tap.cancelled = True
+            raise
+        self._observe(completion, started)
         return completion
 
+    async def stream(self, request: Request) -> AsyncIterator[str | Completion]:
+        """Answer one request token by token: "" once admitted, then text deltas, then the Completion."""
+        started = time.perf_counter()
+        await self._admit(request)
+        tap, text = Tap(asyncio.get_running_loop()), Detokenizer(self.host.processor.tokenizer)
+        answer = asyncio.ensure_future(self.batcher.submit(Pending(request, tap)))
+        answer.add_done_callback(lambda _: tap.close())
+        try:
+            yield ""
+            while (token := await tap.queue.get()) is not END:
+                if delta := text.add(token):
+                    yield delta
+            completion = await answer
+            if rest := text.rest(completion.text):
+                yield rest
+            self._observe(completion, started)
+            yield completion
+        finally:  # the client left (Serve cancels this generator), or the answer is out
+            tap.cancelled = not answer.done()
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe; it also keeps the heartbeat going on an idle replica."""
+        if self.heartbeat is None or self.heartbeat.done():
+            self.heartbeat = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Every second: report this replica's counters to the ingress, and load and keep what is hot."""
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        ingress = serve.get_deployment_handle("Ingress", app_name=context.app_name)
+        while True:
+            try:
+                hot = await ingress.heartbeat.remote(self.replica, self.stats())
+                await self._keep(hot)
+            except Exception as e:  # noqa: BLE001 - the ingress restarts or a hot adapter was deleted: next beat
+                logger.warning("heartbeat failed: %s", e)
+            await asyncio.sleep(self.cfg.heartbeat_s)
+
+    async def _keep(self, hot: list[str]) -> None:
+        refs = [ref for ref in (self.host.resolve(i) for i in hot) if isinstance(ref, Ref)]
+        missing = [r for r in refs if adapter_name(r) not in self.host.resident]
+        if missing:
+            async with self.batcher.lock:
+                for ref in missing:
+                    await asyncio.to_thread(self.host.load, ref)
+        self.host.hot = {adapter_name(r) for r in refs}
+
     def stats(self) -> dict:
-        """This replica's counters: requests, loads and evictions per adapter version."""
+        """This replica's counters: requests, loads and evictions per adapter version, tokens generated."""
         s = self.host.stats
         return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
-                "low_confidence_routes": dict(s.low_confidence),
+                "low_confidence_routes": dict(s.low_confidence), "tokens": s.tokens,
                 "load_seconds": s.load_seconds, "resident": [str(r) for r in self.host.resident.values()],
-                "batch_sizes": list(self.batcher.sizes)[-100:]}
+                "hot": sorted(self.host.hot), "batch_sizes": list(self.batcher.sizes)[-100:]}
 
 
 api = FastAPI(title="Strata")
@@ -140,55 +269,82 @@ api = FastAPI(title="Strata")
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    """The OpenAI chat-completions API over the adapter servers."""
+    """The OpenAI chat-completions and completions API over the adapter servers."""
 
     def __init__(self, server: DeploymentHandle, cfg: dict) -> None:
         self.server, self.cfg = server, ServeConfig.from_args(cfg)
         self.registry = Registry(self.cfg.registry)
         self.token = self.cfg.token or os.environ.get("STRATA_SERVE_TOKEN") or None
+        self.traffic = Traffic(window_s=self.cfg.hot_window_s, share=self.cfg.hot_share)
+        self.reports = Reports(stale_s=3 * self.cfg.heartbeat_s + 1)  # a replica that missed three beats is gone
 
     def _authorize(self, request: HttpRequest) -> None:
         if self.token and request.headers.get("authorization") != f"Bearer {self.token}":
             raise ApiError(401, "missing or wrong bearer token", "authentication_error")
 
+    async def _body(self, request: HttpRequest) -> dict:
+        self._authorize(request)
+        raw = await request.body()
+        if len(raw) > self.cfg.limits.max_body_bytes:
+            raise ApiError(413, f"request body is {len(raw)} bytes, over the limit of {self.cfg.limits.max_body_bytes}")
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise ApiError(400, f"the request body is not JSON: {e}") from e
+
     @api.post("/v1/chat/completions")
     async def chat(self, request: HttpRequest):
         """A chat completion (streamed as server-sent events with `stream: true`)."""
+        return await self._answer(request, parse_chat, completion_body, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: HttpRequest):
+        """A plain-prompt completion: the prompt as it is, no chat template and no image."""
+        return await self._answer(request, parse_completion, text_completion_body, chat=False)
+
+    async def _answer(self, request: HttpRequest, parse, shape, chat: bool):
         try:
-            self._authorize(request)
-            raw = await request.body()
-            if len(raw) > self.cfg.limits.max_body_bytes:
-                raise ApiError(413, f"request body is {len(raw)} bytes, over the limit of "
-                                    f"{self.cfg.limits.max_body_bytes}")
-            try:
-                body = json.loads(raw)
-            except ValueError as e:
-                raise ApiError(400, f"the request body is not JSON: {e}") from e
-            req, stream = parse_chat(body, self.cfg.limits)
+            req, streaming = parse(await self._body(request), self.cfg.limits)
             ref = resolve_id(self.registry, req.model, self.cfg.default_stream)
+            if isinstance(ref, str) and (len(req.images) != 1 or req.raw):
+                raise ApiError(400, "`auto` routes by the image and the question: send exactly one image", param="model")
             model_id = f"{ref}/auto" if isinstance(ref, str) else str(ref)
-            handle = self.server.options(multiplexed_model_id=model_id)
-            completion = await handle.complete.remote(replace(req, model=model_id))
-        except ApiError as e:
-            return JSONResponse(e.body(), status_code=e.status)
-        except UnknownAdapter as e:
-            return JSONResponse(ApiError(404, str(e), "not_found_error", "model").body(), status_code=404)
-        except (RegistryError, ValueError) as e:
-            return JSONResponse(ApiError(400, str(e), param="model").body(), status_code=400)
-        except Exception as e:  # noqa: BLE001 - a replica died or failed: the client may retry elsewhere
-            return JSONResponse(ApiError(503, f"the adapter server failed ({type(e).__name__}); retry the request",
-                                         "server_error").body(), status_code=503)
-        if stream:
-            return StreamingResponse(self._events(completion), media_type="text/event-stream")
-        return JSONResponse(completion_body(completion))
+            # A hot adapter (and `auto`, which any replica routes) goes to the less loaded of two
+            # replicas; a cold one to a replica that holds it (docs/ARCHITECTURE.md, "Serving").
+            spread = isinstance(ref, str) or self.traffic.add(traffic_key(req.model, self.cfg.default_stream))
+            req = replace(req, model=model_id)
+            handle = self.server if spread else self.server.options(multiplexed_model_id=model_id)
+            if streaming is None:
+                return JSONResponse(shape(await handle.complete.remote(req)))
+            tokens = handle.options(stream=True).stream.remote(req)
+            await tokens.__anext__()  # admitted: a failure to load still gets its HTTP status
+        except Exception as e:  # noqa: BLE001 - every failure becomes an OpenAI-style error body
+            error = api_error(e)
+            return JSONResponse(error.body(), status_code=error.status)
+        return StreamingResponse(self._events(tokens, Chunks(model_id, chat), streaming),
+                                 media_type="text/event-stream")
 
     @staticmethod
-    async def _events(completion: Completion):
-        words = completion.text.split(" ")
-        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(words)] if completion.text else []
-        for chunk in stream_chunks(completion, pieces):
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
+    async def _events(tokens, chunks: Chunks, streaming: Streaming) -> AsyncIterator[str]:
+        try:
+            yield sse(chunks.start())
+            async for item in tokens:
+                if isinstance(item, Completion):
+                    yield sse(chunks.finish(item))
+                    if streaming.include_usage:
+                        yield sse(chunks.usage(item))
+                else:
+                    yield sse(chunks.text(item))
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+            yield sse(api_error(e).body())
+        finally:  # also when the client disconnects: the replica's row stops
+            tokens.cancel()
+
+    async def heartbeat(self, replica: str, stats: dict) -> list[str]:
+        """A replica's counters in; the serving ids it should hold out (the hot adapters)."""
+        self.reports.put(replica, stats)
+        return self.traffic.hot()
 
     @api.get("/v1/models")
     async def models(self, request: HttpRequest):
@@ -212,12 +368,12 @@ class Ingress:
 
     @api.get("/health")
     async def health(self) -> dict:
-        """The ingress is up."""
+        """The ingress is up (a probe: no token needed)."""
         return {"status": "ok"}
 
     @api.get("/ready")
     async def ready(self):
-        """A backbone replica answers."""
+        """A backbone replica answers (a probe: no token needed)."""
         try:
             await asyncio.wait_for(self.server.stats.remote(), timeout=5)
         except Exception as e:  # noqa: BLE001 - not ready, whatever the reason
@@ -225,9 +381,13 @@ class Ingress:
         return {"status": "ready"}
 
     @api.get("/v1/stats")
-    async def stats(self) -> dict:
-        """One replica's per-adapter counters (Prometheus has them for all replicas)."""
-        return await self.server.stats.remote()
+    async def stats(self, request: HttpRequest):
+        """Every live replica's counters (from its last heartbeat, at most a second or two old) and their sum."""
+        try:
+            self._authorize(request)
+        except ApiError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        return self.reports.view()
 
 
 def load_config(path: str) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ def test_served_answers_equal_the_recorded_predictions(backbone_dir, tmp_path) -
         for task in res[strategy]["tasks"]:
             data = pq.read_table(tmp_path / "data" / f"{task}.parquet")
             for row in data.filter(pc.equal(data["split"], "test")).to_pylist():
-                requests.append(Request(model, row["prompt"], row["image"], max_tokens=12))
+                requests.append(Request(model, row["prompt"], (row["image"],), max_tokens=12))
                 expected.append(recorded[(task, row["id"])])
         served = host.complete(requests)
         assert [c.text for c in served] == [e["prediction"] for e in expected], strategy

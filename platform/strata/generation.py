@@ -1,9 +1,11 @@
 """The one generation path: evaluation, the promotion gate and serving all decode through `generate`.
 
 Rows are decoded together in batches; each row has its own token budget and stops at its own end
-of sequence. `on_token(row, token_id)` is called for every row's token as soon as it is decoded,
-before the batch finishes, which is what a streaming response needs. Which adapter a row runs with
-is the caller's business (a PEFT adapter made active, or serving's per-row mixed LoRA).
+of sequence (or never, with `ignore_eos`). `on_token(row, token_id)` is called for every row's token
+as soon as it is decoded, before the batch finishes, which is what a streaming response needs, and
+`cancelled(row)` ends a row early (its client went away): it is marked finished, gets no more
+tokens, and the batch ends as soon as no row is left. Which adapter a row runs with is the
+caller's business (a PEFT adapter made active, or serving's per-row mixed LoRA).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from strata.data.collate import Encoded, collate
 
 TokenCallback = Callable[[int, int], None]  # (row index in `enc`, token id)
+Cancelled = Callable[[int], bool]  # row index in `enc` -> its client went away
 
 
 @dataclass(frozen=True)
@@ -26,24 +29,43 @@ class Generated:
 
     tokens: list[int]
     text: str
-    finish_reason: str  # "stop": end of sequence; "length": the row's token budget ran out
+    finish_reason: str  # "stop": end of sequence; "length": the token budget ran out; "cancelled": the client left
 
 
 class _Budgets(StoppingCriteria):
-    """Stops each row once it has its own number of new tokens (generate pads rows that stopped)."""
+    """Stops each row once it has its own number of new tokens, or its client went away (generate
+    pads rows that stopped, and ends the batch when every row has)."""
 
-    def __init__(self, prompt_len: int, budgets: list[int]) -> None:
-        self.prompt_len, self.budgets = prompt_len, torch.tensor(budgets)
+    def __init__(self, prompt_len: int, budgets: list[int], offset: int, cancelled: Cancelled | None) -> None:
+        self.prompt_len, self.budgets, self.offset, self.cancelled = prompt_len, torch.tensor(budgets), offset, cancelled
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return (input_ids.shape[1] - self.prompt_len) >= self.budgets.to(input_ids.device)
+        done = (input_ids.shape[1] - self.prompt_len) >= self.budgets.to(input_ids.device)
+        if self.cancelled is not None:
+            gone = [self.cancelled(self.offset + row) for row in range(len(self.budgets))]
+            done = done | torch.tensor(gone, device=input_ids.device)
+        return done
+
+
+class _NoEos(LogitsProcessor):
+    """Forbids the end of sequence on the rows that asked to run to their full budget."""
+
+    def __init__(self, rows: list[bool], eos: int) -> None:
+        self.rows, self.eos = torch.tensor(rows), eos
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[self.rows.to(scores.device), self.eos] = -float("inf")
+        return scores
 
 
 class _Rows(BaseStreamer):
     """Hands each live row's newly decoded token to the callback, step by step."""
 
-    def __init__(self, offset: int, budgets: list[int], eos: int | None, on_token: TokenCallback) -> None:
+    def __init__(self, offset: int, budgets: list[int], eos: int | None, on_token: TokenCallback,
+                 cancelled: Cancelled | None) -> None:
         self.offset, self.left, self.eos, self.on_token = offset, list(budgets), eos, on_token
+        self.cancelled = cancelled or (lambda row: False)
+        self.handed = [0] * len(budgets)  # tokens handed out per row
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -53,32 +75,44 @@ class _Rows(BaseStreamer):
         for row, token in enumerate(value.view(-1).tolist()):
             if self.left[row] <= 0:
                 continue
-            if token == self.eos:
+            if token == self.eos or self.cancelled(self.offset + row):
                 self.left[row] = 0
                 continue
             self.left[row] -= 1
+            self.handed[row] += 1
             self.on_token(self.offset + row, token)
 
     def end(self) -> None:
         """Nothing to flush: every token was handed out as it came."""
 
 
-def _finish(row: list[int], budget: int, eos: int | None, tokenizer) -> Generated:
+def _finish(row: list[int], budget: int, eos: int | None, tokenizer, cancelled: int | None) -> Generated:
     row = row[:budget]
+    if cancelled is not None:  # what it got before its client left
+        row = row[:cancelled]
+        return Generated(row, tokenizer.decode(row, skip_special_tokens=True).strip(), "cancelled")
     stop = eos in row
     row = row[: row.index(eos)] if stop else row
     return Generated(row, tokenizer.decode(row, skip_special_tokens=True).strip(), "stop" if stop else "length")
 
 
+def _unpadded(row: list[int], pad: int | None) -> int:
+    return row.index(pad) if pad in row else len(row)
+
+
 @torch.no_grad()
 def generate(model: torch.nn.Module, processor, enc: Encoded, max_new_tokens: int | list[int],
-             temperature: float = 0.0, batch_size: int = 256, on_token: TokenCallback | None = None) -> list[Generated]:
-    """Decode an answer for every row of `enc` (greedy at temperature 0, else sampled)."""
+             temperature: float = 0.0, batch_size: int = 256, on_token: TokenCallback | None = None,
+             top_p: float = 1.0, ignore_eos: bool | list[bool] = False,
+             cancelled: Cancelled | None = None) -> list[Generated]:
+    """Decode an answer for every row of `enc` (greedy at temperature 0, else sampled with `top_p`)."""
     tok = processor.tokenizer
     budgets = [max_new_tokens] * len(enc) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(enc) or min(budgets, default=1) < 1:
         raise ValueError(f"need one token budget >= 1 per row: {len(enc)} rows, budgets {budgets[:8]}")
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    no_eos = [ignore_eos] * len(enc) if isinstance(ignore_eos, bool) else list(ignore_eos)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+        else {"do_sample": False}
     out: list[Generated] = []
     for start in range(0, len(enc), batch_size):
         idx = list(range(start, min(start + batch_size, len(enc))))
@@ -86,9 +120,16 @@ def generate(model: torch.nn.Module, processor, enc: Encoded, max_new_tokens: in
         batch = collate(enc.select(idx), tok.pad_token_id, left_pad=True)
         batch.pop("labels")
         prompt_len = batch["input_ids"].shape[1]
-        streamer = _Rows(start, rows, tok.eos_token_id, on_token) if on_token else None
+        streamer = _Rows(start, rows, tok.eos_token_id, on_token, cancelled) if on_token else None
+        forced = [no_eos[i] for i in idx]
         ids = model.generate(**batch, max_new_tokens=max(rows), pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, streamer=streamer,
-                             stopping_criteria=StoppingCriteriaList([_Budgets(prompt_len, rows)]), **sampling)
-        out += [_finish(r, b, tok.eos_token_id, tok) for r, b in zip(ids[:, prompt_len:].tolist(), rows)]
+                             logits_processor=LogitsProcessorList([_NoEos(forced, tok.eos_token_id)] if any(forced) else []),
+                             stopping_criteria=StoppingCriteriaList([_Budgets(prompt_len, rows, start, cancelled)]),
+                             **sampling)
+        new = ids[:, prompt_len:].tolist()
+        # A cancelled row keeps the tokens its client was sent (without a streamer: up to the padding).
+        kept = [(streamer.handed[j] if streamer else _unpadded(new[j], tok.pad_token_id))
+                if cancelled and cancelled(i) else None for j, i in enumerate(idx)]
+        out += [_finish(r, b, tok.eos_token_id, tok, k) for r, b, k in zip(new, rows, kept)]
     return out

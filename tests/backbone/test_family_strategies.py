@@ -56,5 +56,5 @@ def test_every_strategy_runs_a_stream_on_the_family(model_type: str, tmp_path: P
     # Served from the same registry: `default/auto` routes each row to a Decoupled task adapter.
     host = AdapterHost(registry.uri, cfg.backbone, capacity=4)
     rows = generate_task("colour", 0, 0, 0, 2).to_pylist()
-    done = host.complete([Request("default/auto", r["prompt"], r["image"], max_tokens=3) for r in rows])
+    done = host.complete([Request("default/auto", r["prompt"], (r["image"],), max_tokens=3) for r in rows])
     assert all(c.route is not None and c.model.startswith(f"default/{c.route.task}@v") for c in done)

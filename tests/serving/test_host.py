@@ -27,7 +27,7 @@ def registry(test_spec, backbone_dir, tmp_path_factory):
 
 
 def request(row: dict, model: str, max_tokens: int = 8) -> Request:
-    return Request(model, row["prompt"], row["image"], max_tokens=max_tokens)
+    return Request(model, row["prompt"], (row["image"],), max_tokens=max_tokens)
 
 
 def test_answers_match_offline_peft_and_follow_promotion_and_rollback(registry, rows, test_spec, backbone_dir, tmp_path):
@@ -49,11 +49,11 @@ def test_a_multi_turn_request_is_answered_as_its_dataset_row_is_rendered(registr
                                                                           tmp_path):
     host = AdapterHost(registry.uri, test_spec, capacity=4)
     row = {**rows["colour"][0], "history": [{"question": "What shape is it?", "answer": "circle"}]}
-    request = Request("default/seqlora", row["prompt"], row["image"], max_tokens=8, history=[("What shape is it?",
+    request = Request("default/seqlora", row["prompt"], (row["image"],), max_tokens=8, history=[("What shape is it?",
                                                                                               "circle")])
     done = host.complete([request])[0]
     assert done.tokens == offline(registry, Ref("default", "seqlora", 1), row, test_spec, backbone_dir, tmp_path)
-    single = host.complete([Request("default/seqlora", row["prompt"], row["image"], max_tokens=8)])[0]
+    single = host.complete([Request("default/seqlora", row["prompt"], (row["image"],), max_tokens=8)])[0]
     assert done.prompt_tokens > single.prompt_tokens  # the earlier turn is in the prompt
 
 
@@ -95,7 +95,7 @@ def test_sampling_rows_and_greedy_rows_share_a_call(registry, rows, test_spec):
     host = AdapterHost(registry.uri, test_spec)
     row = rows["colour"][0]
     greedy = request(row, "default/colour", max_tokens=5)
-    sampled = Request("default/colour", row["prompt"], row["image"], max_tokens=5, temperature=1.5)
+    sampled = Request("default/colour", row["prompt"], (row["image"],), max_tokens=5, temperature=1.5)
     torch.manual_seed(0)
     out = host.complete([sampled, greedy, sampled])
     assert out[1].tokens == host.complete([greedy])[0].tokens  # greedy rows are not disturbed by sampled ones
@@ -110,5 +110,41 @@ def test_chat_messages_become_earlier_turns_the_question_and_its_image() -> None
         {"role": "assistant", "content": "circle"},
         {"role": "user", "content": "Colour?"}]}
     request, stream = parse_chat(body, Limits())
-    assert (request.history, request.prompt, stream) == ((("Shape?", "circle"),), "Answer in one word. Colour?", False)
-    assert request.image == generate_task("colour", 0, 0, 0, 1)["image"][0].as_py()
+    assert (request.history, request.prompt, stream) == ((("Shape?", "circle"),), "Answer in one word. Colour?", None)
+    assert request.images == (generate_task("colour", 0, 0, 0, 1)["image"][0].as_py(),)
+    assert request.image_turns == (1, 0)  # the image opens the first turn, as a dataset row's does
+
+
+def test_streamed_tokens_are_the_answer_and_a_cancelled_row_stops_while_the_rest_go_on(registry, rows, test_spec):
+    host = AdapterHost(registry.uri, test_spec, capacity=4)
+    models = ["default/seqlora", "default/colour", "default/shape"]
+    reqs = [Request(m, rows["colour"][i]["prompt"], (rows["colour"][i]["image"],), max_tokens=12, ignore_eos=True)
+            for i, m in enumerate(models)]
+    plain = host.complete(reqs)
+    assert all(len(c.tokens) == 12 and c.finish_reason == "length" for c in plain)  # no early end of sequence
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    streamed = host.complete(reqs, on_token=lambda i, t: seen[i].append(t), cancelled=lambda i: i == 1 and len(seen[1]) >= 3)
+    assert [seen[0], seen[2]] == [plain[0].tokens, plain[2].tokens]  # same greedy tokens, one at a time
+    assert [c.tokens for c in streamed[::2]] == [plain[0].tokens, plain[2].tokens]
+    assert len(seen[1]) == 3 and streamed[1].finish_reason == "cancelled" and streamed[1].tokens == plain[1].tokens[:3]
+    assert host.stats.tokens == 36 + 12 + 3 + 12
+
+
+def test_a_batch_ends_when_every_row_is_cancelled(registry, rows, test_spec):
+    host = AdapterHost(registry.uri, test_spec, capacity=4)
+    reqs = [Request("default/seqlora", r["prompt"], (r["image"],), max_tokens=200, ignore_eos=True)
+            for r in rows["shape"][:2]]
+    counted: list[int] = []
+    out = host.complete(reqs, on_token=lambda i, t: counted.append(i), cancelled=lambda i: len(counted) >= 4)
+    assert len(counted) == 4 and all(c.finish_reason == "cancelled" for c in out)  # not 400 tokens
+
+
+def test_text_only_questions_and_plain_prompts_are_answered_beside_image_rows(registry, rows, test_spec):
+    host = AdapterHost(registry.uri, test_spec, capacity=4)
+    row = rows["colour"][0]
+    reqs = [Request("default/colour", row["prompt"], (row["image"],), max_tokens=6),
+            Request("default/seqlora", "Say a colour.", max_tokens=6),
+            Request("default/shape", "red green", raw=True, max_tokens=6)]
+    together = host.complete(reqs)
+    assert [c.tokens for c in together] == [host.complete([r])[0].tokens for r in reqs]
+    assert together[2].prompt_tokens == len(host.processor.tokenizer("red green")["input_ids"])  # no chat template

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -76,6 +77,14 @@ def post(url: str, body, token: str | None = TOKEN, raw: bytes | None = None) ->
         return e.code, json.loads(e.read())
 
 
+def stats(url: str, token: str | None = TOKEN) -> dict:
+    """/v1/stats after the replicas' next heartbeat."""
+    time.sleep(1.5)
+    request = urllib.request.Request(f"{url}/v1/stats", headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
 def png(width: int, height: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), "white").save(out, format="PNG")
@@ -106,8 +115,7 @@ def test_every_bad_request_gets_a_clear_json_error_and_the_replica_stays_up(serv
     assert code == 400 and "not JSON" in reply["error"]["message"]
     code, reply = post(url, chat("default/seqlora", row))  # after all that, the replica still answers
     assert code == 200 and reply["model"] == "default/seqlora@v1"
-    with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as stats:
-        assert "default/seqlora@v1" in json.loads(stats.read())["loads"]  # preloaded at start
+    assert "default/seqlora@v1" in stats(url)["total"]["loads"]  # preloaded at start
 
 
 def test_the_openai_client_gets_offline_answers_streams_and_follows_promotion(served, rows, test_spec, backbone_dir,
@@ -152,8 +160,124 @@ def test_concurrent_requests_for_different_adapters_match_one_by_one(served, row
     assert key[4][0] == "default/colour@v1"  # `auto` routed a colour question to the colour adapter
     with urllib.request.urlopen(f"{url}/ready", timeout=30) as ready:
         assert json.loads(ready.read())["status"] == "ready"
-    with urllib.request.urlopen(f"{url}/v1/stats", timeout=30) as reply:
-        assert max(json.loads(reply.read())["batch_sizes"]) >= 3  # requests for different adapters shared a batch
+    assert max(stats(url)["total"]["batch_sizes"]) >= 3  # requests for different adapters shared a batch
+
+
+def events(url: str, body: dict, stop_after: int | None = None) -> list[tuple[float, dict | str]]:
+    """POST a streamed request and read its server-sent events as they arrive: (seconds since sent, event)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})
+    reply = conn.getresponse()
+    assert reply.status == 200 and reply.getheader("content-type").startswith("text/event-stream")
+    out: list[tuple[float, dict | str]] = []
+    while line := reply.readline():
+        if line.startswith(b"data: "):
+            data = line[6:].strip().decode()
+            out.append((time.perf_counter() - started, data if data == "[DONE]" else json.loads(data)))
+            if data == "[DONE]":
+                break
+            if stop_after is not None and len(out) >= stop_after:
+                conn.sock.close()  # the client goes away mid-answer
+                break
+    conn.close()
+    return out
+
+
+def test_tokens_stream_as_they_are_decoded_and_a_client_that_leaves_stops_its_row(served, rows):
+    url, *_ = served
+    body = chat("default/seqlora", rows[2], max_tokens=200, ignore_eos=True, stream=True,
+                stream_options={"include_usage": True})
+    got = events(url, body)
+    text = [(t, e["choices"][0]["delta"]["content"]) for t, e in got[1:]
+            if isinstance(e, dict) and e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert got[-1][1] == "[DONE]" and got[-2][1]["usage"]["completion_tokens"] == 200 and got[-2][1]["choices"] == []
+    assert got[-3][1]["choices"][0]["finish_reason"] == "length" and got[-3][1]["model"] == "default/seqlora@v1"
+    assert len(text) > 20 and text[0][0] < 0.5 * got[-1][0]  # the first words came long before the last
+    plain = post(url, {**body, "stream": False, "stream_options": None})[1]
+    assert "".join(d for _, d in text) == plain["choices"][0]["message"]["content"]
+    before = stats(url)["total"]["tokens"]
+    events(url, {**body, "max_tokens": 256}, stop_after=4)  # leaves after the first few tokens
+    after = stats(url)["total"]["tokens"]
+    assert after - before < 256  # the row stopped when its client left ...
+    assert stats(url)["total"]["tokens"] == after  # ... and nothing is still generating
+
+
+def test_text_only_turns_plain_completions_and_refused_options(served, rows):
+    from openai import BadRequestError, OpenAI
+
+    url, *_ = served
+    client = OpenAI(base_url=f"{url}/v1", api_key=TOKEN)
+    reply = client.chat.completions.create(model="default/seqlora", messages=[{"role": "user", "content": "Hello?"}],
+                                           max_tokens=4, top_p=0.9)
+    assert reply.model == "default/seqlora@v1" and reply.usage.completion_tokens >= 1
+    done = client.completions.create(model="default/seqlora", prompt="red green blue", max_tokens=5,
+                                     extra_body={"ignore_eos": True})
+    assert done.object == "text_completion" and done.usage.completion_tokens == 5
+    pieces = client.completions.create(model="default/seqlora", prompt="red green blue", max_tokens=5, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == done.choices[0].text
+    row = rows[0]
+    for extra, field in (({"stop": ["\n"]}, "stop"), ({"seed": 3, "temperature": 1.0}, "seed"),
+                         ({"logprobs": True}, "logprobs"), ({"top_p": 0}, "top_p")):
+        code, body = post(url, chat("default/seqlora", row, **extra))
+        assert code == 400 and body["error"]["param"] == field, (extra, body)
+    code, body = post(url, chat("default/auto", row, image_url=None) | {"messages": [{"role": "user", "content": "Hi"}]})
+    assert code == 400 and "exactly one image" in body["error"]["message"]
+    two = chat("default/seqlora", row)
+    two["messages"][0]["content"].append(two["messages"][0]["content"][1])
+    code, body = post(url, two)  # the built-in LLaVA takes one image per conversation here
+    assert code == 400 and "one image per conversation" in body["error"]["message"]
+    with pytest.raises(BadRequestError):
+        client.chat.completions.create(model="default/seqlora", messages=[{"role": "assistant", "content": "x"}])
+    try:
+        urllib.request.urlopen(f"{url}/v1/stats", timeout=30)
+        raise AssertionError("/v1/stats answered without the token")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401
+
+
+def test_a_picture_over_pils_own_pixel_limit_gets_413_not_cannot_decode(served, rows):
+    url, *_ = served
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 10000)).save(bomb, format="PNG")  # 200 Mpx: PIL refuses to open it at all
+    code, body = post(url, chat("default/seqlora", rows[0], data_url(bomb.getvalue())))
+    assert code == 413 and "pixel limit" in body["error"]["message"], body
+
+
+def test_a_hot_adapter_uses_every_replica_and_replicas_preload_the_next_hot_one(served, rows):
+    from ray import serve
+    from serve_apps.openai_app import app
+
+    url, _, args = served
+    serve.run(app({**args, "replicas": 2, "hot_window_s": 5.0}), name="strata", route_prefix="/")
+    while len(stats(url)["replicas"]) != 2:  # the replaced replica's last report goes stale
+        pass
+    models = ["default/seqlora"] * 9 + ["default/colour"]
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda i: post(url, chat(models[i % 10], rows[i % len(rows)]))[0], range(80)))
+    assert codes == [200] * 80
+    per = {r: s["requests"].get("default/seqlora@v1", 0) for r, s in stats(url)["replicas"].items()}
+    assert len(per) == 2 and min(per.values()) >= 0.2 * sum(per.values()), per  # not pinned to one replica
+    moving = threading.Event()
+
+    def shape_traffic() -> None:
+        while not moving.is_set():
+            post(url, chat("default/shape", rows[0]))
+
+    clients = [threading.Thread(target=shape_traffic) for _ in range(2)]  # traffic moves to shape ...
+    for c in clients:
+        c.start()
+    try:
+        deadline = time.monotonic() + 10  # ... and every replica holds it within 10 s
+        while not all("default/shape@v1" in s["resident"] for s in stats(url)["replicas"].values()):
+            assert time.monotonic() < deadline, stats(url)["replicas"]
+    finally:
+        moving.set()
+        for c in clients:
+            c.join()
 
 
 def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answers(served, rows):

@@ -64,11 +64,11 @@ LLAVA_CHAT = Chat(LLAVA_CHAT_TEMPLATE, {"eos_token": EOS})
 Turns = Sequence[tuple[str, str]]  # earlier (question, answer) turns of a conversation, oldest first
 
 
-def _messages(prompt: str, has_image: bool, history: Turns) -> list[dict]:
-    """The conversation as chat messages; the image belongs to the first user turn, as it was asked."""
+def _messages(prompt: str, images: Sequence[int], history: Turns) -> list[dict]:
+    """The conversation as chat messages; `images[t]` images open user turn t, before its text."""
     messages = []
-    for question, answer in [*history, (prompt, None)]:
-        parts = [{"type": "image"}] if has_image and not messages else []
+    for t, (question, answer) in enumerate([*history, (prompt, None)]):
+        parts = [{"type": "image"}] * (images[t] if t < len(images) else 0)
         messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question.strip()}]})
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]})
@@ -81,14 +81,20 @@ def _render(chat: Chat, messages: list[dict], add_generation_prompt: bool) -> st
     return rendered[0]
 
 
-def render_prompt(chat: Chat, prompt: str, has_image: bool, history: Turns = ()) -> str:
-    """A conversation (earlier turns, then `prompt`) as the model's input, up to the answer."""
-    return _render(chat, _messages(prompt, has_image, history), add_generation_prompt=True)
+def render_prompt(chat: Chat, prompt: str, has_image: bool, history: Turns = (),
+                  images: Sequence[int] | None = None) -> str:
+    """A conversation (earlier turns, then `prompt`) as the model's input, up to the answer.
+
+    A dataset row's one image belongs to its first turn; `images` (one count per user turn) places
+    a served conversation's images where they were sent.
+    """
+    return _render(chat, _messages(prompt, (int(has_image),) if images is None else images, history),
+                   add_generation_prompt=True)
 
 
 def render_answer(chat: Chat, prompt: str, answer: str, history: Turns = ()) -> str:
     """The target continuation of `render_prompt`: the answer as the template writes it, through its end."""
-    messages = _messages(prompt, True, history)
+    messages = _messages(prompt, (1,), history)
     head = _render(chat, messages, add_generation_prompt=True)
     whole = _render(chat, [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]}],
                     add_generation_prompt=False)

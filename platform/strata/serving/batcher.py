@@ -2,8 +2,10 @@
 
 Ray Serve's `serve.batch` splits a batch by multiplexed model id, so requests for different
 adapters would never share a forward. This one keeps them together: the first request of a batch
-waits at most `wait_s` for company, and a batch holds at most `max_batch_size` requests. It runs
-on the replica's event loop, so nothing else touches the model while a batch generates.
+waits at most `wait_s` for company, and a batch holds at most `max_batch_size` requests. A batch
+runs in a worker thread, so the replica's event loop stays free to stream tokens out while it
+generates; `lock` is held for the whole call, and whoever else changes the model (an adapter load)
+takes it first, so nothing touches the model while a batch generates.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class MicroBatcher(Generic[T, R]):
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
         self.queue: list[tuple[T, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
+        self.lock = asyncio.Lock()
         self.sizes: deque[int] = deque(maxlen=1000)  # the latest batches' sizes, for stats and tests
 
     async def submit(self, item: T) -> R:
@@ -43,18 +46,19 @@ class MicroBatcher(Generic[T, R]):
                 await asyncio.sleep(self.wait_s)  # let concurrent requests join
             batch, self.queue = self.queue[: self.max_batch_size], self.queue[self.max_batch_size :]
             self.sizes.append(len(batch))
-            self._answer(batch)
+            await self._answer(batch)
             await asyncio.sleep(0)  # let the answered requests resume before the next batch
 
-    def _answer(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+    async def _answer(self, batch: list[tuple[T, asyncio.Future]]) -> None:
         try:
-            results = self.run([item for item, _ in batch])
+            async with self.lock:
+                results = await asyncio.to_thread(self.run, [item for item, _ in batch])
         except Exception:  # noqa: BLE001 - retried one by one below, so one bad item fails alone
             if len(batch) == 1:
                 raise_into(batch[0][1])
                 return
             for one in batch:
-                self._answer([one])
+                await self._answer([one])
             return
         for (_, future), result in zip(batch, results):
             if not future.done():

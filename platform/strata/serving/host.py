@@ -10,21 +10,19 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 
 from strata.adapters.lora import load_adapter
 from strata.backbone.features import pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import BackboneSpec
-from strata.data.collate import encode_table
-from strata.data.schema import HISTORY
-from strata.generation import generate
+from strata.data.collate import Conversation, encode_conversations
+from strata.generation import Cancelled, TokenCallback, generate
 from strata.registry import Ref, Registry, RegistryError, parse_id
 from strata.routing import ROUTER_FILE, PrototypeRouter, Routed
 from strata.serving.mixed_lora import MixedLoRA
@@ -40,10 +38,14 @@ class Request:
 
     model: str
     prompt: str
-    image: bytes
+    images: tuple[bytes, ...] = ()
     max_tokens: int = 16
     temperature: float = 0.0
     history: Sequence[tuple[str, str]] = ()  # earlier (question, answer) turns, oldest first
+    image_turns: tuple[int, ...] | None = None  # images per user turn, oldest first; None: all in the first
+    raw: bool = False  # a plain completion prompt (`/v1/completions`): no chat template
+    top_p: float = 1.0
+    ignore_eos: bool = False  # run to max_tokens (vLLM's extension): benchmarks force the answer length
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Completion:
     model: str  # `<stream>/<adapter>@v<N>`
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens)
+    finish_reason: str  # "stop" (end of sequence), "length" (max_tokens) or "cancelled" (the client left)
     prompt_tokens: int = 0
     route: Routed | None = None  # for `<stream>/auto`: the task it was routed to, and how far it was
 
@@ -66,6 +68,7 @@ class Stats:
     loads: Counter = field(default_factory=Counter)
     evictions: Counter = field(default_factory=Counter)
     load_seconds: float = 0.0
+    tokens: int = 0  # generated, streamed or not
     low_confidence: Counter = field(default_factory=Counter)  # per stream: `auto` rows far from every task
 
 
@@ -88,6 +91,11 @@ def resolve_id(registry: Registry, model_id: str, default_stream: str) -> Ref | 
     return Ref(stream, adapter, version)
 
 
+def adapter_name(ref: Ref) -> str:
+    """The PEFT adapter name a resident version has."""
+    return f"{ref.stream}--{ref.adapter}--v{ref.version}"
+
+
 class AdapterHost:
     """Serve many registry adapters from one backbone, `capacity` of them resident at a time."""
 
@@ -102,6 +110,8 @@ class AdapterHost:
         self.capacity, self.default_stream = capacity, default_stream
         self.resident: OrderedDict[str, Ref] = OrderedDict()  # PEFT adapter name -> version, LRU order
         self.mixed: MixedLoRA | None = None
+        self.released: deque[str] = deque()  # adapters to unload before the next batch (appends are thread-safe)
+        self.hot: set[str] = set()  # adapters kept resident whatever the LRU says: the traffic's hot ones
         self.routers: dict[tuple, PrototypeRouter] = {}
         self.stats = Stats()
         self.on_event = on_event or (lambda event, adapter: None)  # ("load" | "evict", adapter id): metrics
@@ -119,7 +129,7 @@ class AdapterHost:
     # ---- the LRU ------------------------------------------------------------------------------
     def load(self, ref: Ref) -> str:
         """Make `ref` resident (hash-checked from the registry) and most recently used; its PEFT name."""
-        name = f"{ref.stream}--{ref.adapter}--v{ref.version}"
+        name = adapter_name(ref)
         if name in self.resident:
             self.resident.move_to_end(name)
             return name
@@ -134,11 +144,16 @@ class AdapterHost:
         self.stats.loads[str(ref)] += 1
         self.on_event("load", str(ref))
         self.stats.load_seconds += time.perf_counter() - started
-        while len(self.resident) > self.capacity:
-            self.unload(next(iter(self.resident)))
+        # The least recently used goes first; the hot ones stay, even if that leaves the LRU over capacity.
+        for old in [n for n in self.resident if n not in self.hot and n != name][: max(0, len(self.resident) - self.capacity)]:
+            self.unload(old)
         if self.mixed is None:
             self.mixed = MixedLoRA(self.model)
         return name
+
+    def release(self, name: str) -> None:
+        """Unload `name` before the next batch; safe to call while a batch generates in another thread."""
+        self.released.append(name)
 
     def unload(self, name: str) -> None:
         """Drop a resident adapter (no-op when it is not resident, or is the last one: PEFT keeps one)."""
@@ -158,24 +173,40 @@ class AdapterHost:
                 self.load(ref)
 
     # ---- generation ---------------------------------------------------------------------------
-    def complete(self, requests: list[Request]) -> list[Completion]:
-        """Answer a batch of requests, rows of different adapters in one forward where they fit."""
-        enc = encode_table(self.processor, pa.table({
-            "image": pa.array([r.image for r in requests], pa.binary()),
-            "prompt": [r.prompt for r in requests], "answer": [""] * len(requests),
-            "history": pa.array([[{"question": q, "answer": a} for q, a in r.history] for r in requests], HISTORY)}),
-            with_answers=False)
+    def complete(self, requests: list[Request], on_token: TokenCallback | None = None,
+                 cancelled: Cancelled | None = None) -> list[Completion]:
+        """Answer a batch of requests, rows of different adapters in one forward where they fit.
+
+        `on_token(i, token)` gets request i's tokens as they are decoded; `cancelled(i)` ends request i early.
+        """
+        while self.released:
+            name = self.released.popleft()
+            if name not in self.hot:
+                self.unload(name)
+        enc = encode_conversations(self.processor, [
+            Conversation(r.prompt, r.images, tuple(r.history), r.image_turns, raw=r.raw) for r in requests])
         refs, routed = self._refs(requests, enc)
         out: list[Completion | None] = [None] * len(requests)
-        for temperature in sorted({r.temperature for r in requests}):
-            rows = [i for i, r in enumerate(requests) if r.temperature == temperature]
+        for sampling in sorted({(r.temperature, r.top_p) for r in requests}):
+            rows = [i for i, r in enumerate(requests) if (r.temperature, r.top_p) == sampling]
             for chunk in self._fitting(rows, refs):
                 names = [self.load(refs[i]) for i in chunk]
+                tap, gone = self._taps(chunk, on_token, cancelled)
                 for i, c in zip(chunk, self._generate(enc.select(chunk), names, [requests[i] for i in chunk],
-                                                      temperature)):
+                                                      *sampling, tap, gone)):
                     out[i] = Completion(str(refs[i]), *c, prompt_tokens=len(enc.input_ids[i]), route=routed[i])
                     self.stats.requests[str(refs[i])] += 1
         return out
+
+    def _taps(self, chunk: list[int], on_token: TokenCallback | None,
+              cancelled: Cancelled | None) -> tuple[TokenCallback, Cancelled | None]:
+        """The chunk's rows' token and cancel callbacks, in the caller's request numbering; tokens are counted."""
+        def tap(row: int, token: int) -> None:
+            self.stats.tokens += 1
+            if on_token is not None:
+                on_token(chunk[row], token)
+
+        return tap, (lambda row: cancelled(chunk[row])) if cancelled else None
 
     def _refs(self, requests: list[Request], enc) -> tuple[list[Ref], list[Routed | None]]:
         """The exact version each request runs with, and for `auto` rows where the router sent them."""
@@ -219,10 +250,21 @@ class AdapterHost:
                 chunks.append([i])
         return chunks
 
-    def _generate(self, enc, names: list[str], requests: list[Request],
-                  temperature: float) -> list[tuple[str, list[int], str]]:
-        # Qwen's and InternVL's towers take every image's rows in one tensor, OneVision's every image's real tiles.
-        flat = enc.flat or "image_sizes" in enc.images
-        with self.mixed.select(names, [len(p) for p in enc.images["pixel_values"]] if flat else None) as model:
-            out = generate(model, self.processor, enc, [r.max_tokens for r in requests], temperature)
+    @staticmethod
+    def _vision_rows(enc) -> list[int] | None:
+        """What the vision tower sees of each row where that is not one image per row: Qwen's patch rows,
+        InternVL's and OneVision's tiles, and nothing for a text-only row."""
+        pixels = enc.images.get("pixel_values")
+        if pixels is None:  # a text-only batch: the tower does not run
+            return None
+        if enc.flat or "image_sizes" in enc.images:
+            return [0 if p is None else len(p) for p in pixels]
+        return [0 if p is None else 1 for p in pixels] if None in pixels else None
+
+    def _generate(self, enc, names: list[str], requests: list[Request], temperature: float, top_p: float,
+                  on_token: TokenCallback, cancelled: Cancelled | None) -> list[tuple[str, list[int], str]]:
+        with self.mixed.select(names, self._vision_rows(enc)) as model:
+            out = generate(model, self.processor, enc, [r.max_tokens for r in requests], temperature,
+                           on_token=on_token, top_p=top_p, ignore_eos=[r.ignore_eos for r in requests],
+                           cancelled=cancelled)
         return [(g.text, g.tokens, g.finish_reason) for g in out]
