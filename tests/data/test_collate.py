@@ -142,11 +142,14 @@ def test_text_only_rows_are_refused_clearly(loaded, table) -> None:
         encode_table(loaded[1], no_image, with_answers=True)
 
 
-def test_a_template_that_does_not_end_the_answer_with_eos_is_refused() -> None:
+def test_an_answer_the_template_does_not_end_gets_the_end_of_sequence_and_a_lost_answer_is_refused() -> None:
     no_eos = Chat("{% for m in messages %}{{ m['role'] }}: {{ m['content'][-1]['text'] }}\n{% endfor %}",
                   {"eos_token": EOS})
-    with pytest.raises(ValueError, match="does not write the answer after its generation prompt, ended by '</s>'"):
-        render_answer(no_eos, "What colour?", "red")
+    assert render_answer(no_eos, "What colour?", "red") == "assistant: red</s>"  # the model must learn to stop
+    drops = Chat("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'][-1]['text'] }}{% endif %}"
+                 "{% endfor %}", {"eos_token": EOS})
+    with pytest.raises(ValueError, match="does not write the answer after its generation prompt"):
+        render_answer(drops, "What colour?", "red")
 
 
 def test_a_processor_without_a_chat_template_is_refused(loaded) -> None:

@@ -11,6 +11,7 @@ end of sequence.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -93,13 +94,26 @@ def render_prompt(chat: Chat, prompt: str, has_image: bool, history: Turns = (),
 
 
 def render_answer(chat: Chat, prompt: str, answer: str, history: Turns = ()) -> str:
-    """The target continuation of `render_prompt`: the answer as the template writes it, through its end."""
+    """The target continuation of `render_prompt`: the answer as the template writes it, through its end.
+
+    Some published templates do not write an answered turn as their generation prompt continued:
+    LLaVA-OneVision's writes "assistant \\n" after a turn where it prompts "assistant\\n", and
+    llava-1.5-7b-hf's ends an answer with a space instead of "</s>". The answer then starts where its
+    text does, and an answer the template does not end with the end of sequence gets one, so that
+    the model learns to stop.
+    """
     messages = _messages(prompt, (1,), history)
     head = _render(chat, messages, add_generation_prompt=True)
-    whole = _render(chat, [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer.strip()}]}],
+    text = answer.strip()
+    whole = _render(chat, [*messages, {"role": "assistant", "content": [{"type": "text", "text": text}]}],
                     add_generation_prompt=False)
-    if not whole.startswith(head) or chat.eos not in whole[len(head):]:
-        raise ValueError("the chat template does not write the answer after its generation prompt, ended by "
-                         f"{chat.eos!r}; Strata cannot tell the answer tokens apart for the loss")
-    tail = whole[len(head):]
-    return tail[: tail.index(chat.eos) + len(chat.eos)]
+    common = len(os.path.commonprefix([head, whole]))
+    start = len(head) if whole.startswith(head) else whole.find(text, common)
+    if start < 0 or text not in whole[start:]:
+        raise ValueError("the chat template does not write the answer after its generation prompt; Strata cannot "
+                         "tell the answer tokens apart for the loss")
+    tail = whole[start:]
+    after = tail.index(text) + len(text)
+    if chat.eos in tail[after:]:
+        return tail[: tail.index(chat.eos, after) + len(chat.eos)]
+    return tail[:after] + chat.eos
