@@ -80,6 +80,17 @@ class ServeConfig:
         return ServeConfig(**args)
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
 def sse(event: dict) -> str:
     """One server-sent event."""
     return f"data: {json.dumps(event)}\n\n"
@@ -258,7 +269,7 @@ class AdapterServer:
         """This replica's counters: requests, loads and evictions per adapter version, tokens generated."""
         s = self.host.stats
         return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
-                "low_confidence_routes": dict(s.low_confidence), "tokens": s.tokens,
+                "low_confidence_routes": dict(s.low_confidence), "tokens": s.tokens, "rss_mb": rss_mb(),
                 "load_seconds": s.load_seconds, "resident": [str(r) for r in self.host.resident.values()],
                 "hot": sorted(self.host.hot), "batch_sizes": list(self.batcher.sizes)[-100:]}
 
