@@ -473,7 +473,7 @@ def serve(
     token: str | None = typer.Option(None, envvar="STRATA_SERVE_TOKEN", help="Require this bearer token."),
     verbose: bool = typer.Option(False, "--verbose", help="Also print Ray's logs and a line per request."),
 ) -> None:
-    """Serve the registry's adapters locally: OpenAI chat completions on Ray Serve (Ctrl-C stops it)."""
+    """Serve the registry's adapters locally: OpenAI chat completions and completions on Ray Serve (Ctrl-C stops it)."""
     from strata import quiet
 
     quiet.setup(verbose)  # before the libraries are imported: some log when imported

@@ -1,7 +1,9 @@
-"""The OpenAI chat-completions wire format: parse and check a request, shape a reply, name an error.
+"""The OpenAI chat-completions and completions wire format: parse and check a request, shape a reply
+or its stream of events, name an error.
 
-Pure functions, no Ray and no HTTP framework, so every refusal is unit-tested. A conversation is
-folded into one prompt with the shared chat template (`data/template.py`), as training saw it.
+No Ray and no HTTP framework, so every refusal is unit-tested. A conversation becomes earlier turns,
+a question and its images, rendered later with the backbone's chat template (`data/template.py`)
+as training saw it; a plain completion's prompt is tokenized as it is.
 """
 
 from __future__ import annotations
