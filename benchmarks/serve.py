@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from http.client import HTTPConnection
 from pathlib import Path
 
 import matplotlib
@@ -259,7 +259,7 @@ class Client:
 
     def streamed(self, model: str, tokens: int) -> tuple[float, float, int]:
         """(seconds to the first text, seconds to the end, content events) of one streamed answer."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        conn = HTTPConnection("127.0.0.1", self.port, timeout=300)
         start = time.perf_counter()
         conn.request("POST", "/v1/chat/completions", json.dumps(self.body(model, tokens, stream=True, ignore_eos=True)),
                      {"Content-Type": "application/json"})

@@ -148,3 +148,18 @@ def test_text_only_questions_and_plain_prompts_are_answered_beside_image_rows(re
     together = host.complete(reqs)
     assert [c.tokens for c in together] == [host.complete([r])[0].tokens for r in reqs]
     assert together[2].prompt_tokens == len(host.processor.tokenizer("red green")["input_ids"])  # no chat template
+
+
+def test_text_deltas_add_up_to_the_answer_and_wait_at_most_three_tokens_for_a_character(test_spec, backbone_dir):
+    from strata.backbone.load import load_backbone
+    from strata.serving.stream import Detokenizer
+
+    tok = load_backbone(test_spec, backbone_dir)[1].tokenizer
+    for text in ("a red circle and 3 squares", "é über ☃ smile 😀 done"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        d = Detokenizer(tok)
+        deltas = [d.add(t) for t in ids]
+        assert "".join(deltas) + d.rest(tok.decode(ids).strip()) == tok.decode(ids).strip()
+    garbage = Detokenizer(tok)  # a byte that is never valid UTF-8, as an untrained model emits
+    sent = [garbage.add(tok.convert_tokens_to_ids("þ")) for _ in range(8)]
+    assert sent[3] and all(not s for s in sent[:3])

@@ -38,18 +38,23 @@ class Detokenizer:
 
     Decoding each token alone would break words that span tokens and multi-byte characters, so
     the whole answer so far is decoded each time, and only its settled part is sent: leading
-    whitespace is dropped and trailing whitespace or an incomplete character waits for the next token.
+    whitespace is dropped, and trailing whitespace or a possibly incomplete character waits for
+    the next token.
     """
 
     def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+        self.tokenizer, self.tokens, self.sent, self.waited = tokenizer, [], "", 0
 
     def add(self, token: int) -> str:
-        """The new text this token settles (often "", never text that a later token could change)."""
+        """The new text this token settles (often "", rarely text that a later token could change)."""
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        if text.endswith("\ufffd"):  # half of a multi-byte character
+        # Maybe part of a multi-byte character: wait, but for at most the 3 bytes that could complete it
+        # (a byte that is never valid UTF-8 would otherwise hold the whole answer back).
+        if text.endswith("\ufffd") and self.waited < 3:
+            self.waited += 1
             return ""
+        self.waited = 0
         if not text.startswith(self.sent):  # a tokenizer that rewrites earlier text: wait for the end
             return ""
         delta, self.sent = text[len(self.sent):], text
