@@ -260,6 +260,8 @@ def summarise(log: Log, memory: list[dict], start: float, recoveries: list[float
             "latency_p50_ms": 1e3 * float(np.percentile(ok, 50)) if ok else None,
             "latency_p99_ms": 1e3 * float(np.percentile(ok, 99)) if ok else None,
             "latency_over_time": latency, "rss_growth_after_warmup": growth,
+            "failures": [{"t": r["sent"] - start, "kind": r["kind"], "status": r["status"]}
+                         for r in log.requests if r["status"] != 200],
             "memory": [{**m, "t": m["t"] - start} for m in memory], "recovery_s": recoveries,
             "changes": [{**c, "started": c["started"] - start, "returned": c["returned"] - start} for c in log.changes]}
 
