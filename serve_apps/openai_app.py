@@ -3,11 +3,17 @@
     serve deploy serve_apps/config.yaml        # on a cluster
     strata serve --registry runs/s/registry    # locally
 
-`Ingress` (FastAPI) checks the token, the body and the image, resolves the serving id to an exact
-registry version (so a promotion or a rollback is served on the next request) and forwards it as
-the `multiplexed_model_id`. `AdapterServer` holds one frozen backbone per replica; Serve's
-multiplexer keeps the replica's adapter LRU and routes each id to a replica that holds it, and
-a micro-batcher gathers concurrent requests, for any mix of adapters, into one batched generation.
+`Ingress` (FastAPI) checks the token, the body and the images, and resolves the serving id to an
+exact registry version, so a promotion or a rollback is served on the next request.
+- A cold adapter is forwarded as the `multiplexed_model_id`: Serve's multiplexer keeps each
+  replica's adapter LRU and routes the id to a replica that holds it.
+- A hot adapter, and `auto`, go without an id, to the less loaded replica.
+- Replicas send a heartbeat to the ingress every second: their counters go in (`/v1/stats`), and
+  the hot adapters come back, to be preloaded and kept.
+
+`AdapterServer` holds one frozen backbone per replica. Its micro-batcher gathers concurrent
+requests, for any mix of adapters, into one batched generation, in a worker thread. A streamed
+request's tokens are sent as they are decoded (docs/ARCHITECTURE.md, "The life of a request").
 """
 
 
@@ -321,7 +327,7 @@ class Ingress:
                 raise ApiError(400, "`auto` routes by the image and the question: send exactly one image", param="model")
             model_id = f"{ref}/auto" if isinstance(ref, str) else str(ref)
             # A hot adapter (and `auto`, which any replica routes) goes to the less loaded of two
-            # replicas; a cold one to a replica that holds it (docs/ARCHITECTURE.md, "Serving").
+            # replicas; a cold one to a replica that holds it (docs/ARCHITECTURE.md, "The life of a request").
             spread = isinstance(ref, str) or self.traffic.add(traffic_key(req.model, self.cfg.default_stream))
             req = replace(req, model=model_id)
             handle = self.server if spread else self.server.options(multiplexed_model_id=model_id)

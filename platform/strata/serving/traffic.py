@@ -5,7 +5,7 @@ stay pinned to one replica while the others idle (ray-project/ray#48741). Strata
 adapters in one forward, so any replica can answer any adapter once it has loaded it: the ingress
 sends a hot adapter's requests without a multiplexed id (Serve then picks the less loaded of two
 replicas), and every replica preloads and keeps what is hot. Cold adapters keep their multiplexed
-id and go where they are resident. See docs/ARCHITECTURE.md, "Serving".
+id and go where they are resident. See docs/ARCHITECTURE.md, "The life of a request".
 """
 
 from __future__ import annotations
