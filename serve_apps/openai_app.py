@@ -36,7 +36,7 @@ from ray.util import metrics
 from strata.config import BackboneSpec
 from strata.data.collate import several_images
 from strata.registry import Ref, Registry, RegistryError, parse_id
-from strata.routing import ROUTER_FILE
+from strata.routing import ROUTER_FILE, Routed
 from strata.serving.batcher import MicroBatcher
 from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, adapter_name, resolve_id
 from strata.serving.openai import (
@@ -66,6 +66,7 @@ class ServeConfig:
     batch_wait_s: float = 0.005  # how long the micro-batcher waits for more requests
     token: str | None = None  # bearer token; None: $STRATA_SERVE_TOKEN, and no auth when that is unset
     replicas: int | None = None  # fixed AdapterServer replicas; None: the deployment config (autoscaling)
+    admit_after: int = 2  # a batch pauses after this many tokens when requests wait, and they join it; 0: never
     heartbeat_s: float = 1.0  # how often a replica reports its counters and learns what is hot
     hot_window_s: float = 10.0  # the window the ingress counts requests over
     hot_share: float = 0.25  # an adapter with this share of the window's requests is spread over all replicas
@@ -140,10 +141,15 @@ class Resident:
 
 @dataclass
 class Pending:
-    """A request in the micro-batcher, with the tap its tokens go to."""
+    """A request in the micro-batcher, with the tap its tokens go to; continued after a pause."""
 
     request: Request
     tap: Tap
+    route: Routed | None = None  # where `auto` sent it, kept when it is continued under its exact version
+
+    def finish(self, completion: Completion) -> Completion:
+        """The answer, with the route its first batch took."""
+        return replace(completion, route=self.route) if self.route else completion
 
 
 # Serve's default of 5 requests in flight per replica would cap every micro-batch at 5.
@@ -173,7 +179,7 @@ class AdapterServer:
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.capacity)(load)
         # Not `serve.batch`: it splits a batch by multiplexed model id, and mixing adapters is the point.
-        self.batcher = MicroBatcher(self._run, self.cfg.max_batch_size, self.cfg.batch_wait_s)
+        self.batcher = MicroBatcher(self._run, self.cfg.max_batch_size, self.cfg.batch_wait_s, again=self._again)
         self.heartbeat: asyncio.Task | None = None
         self.replica = "local"
 
@@ -191,7 +197,19 @@ class AdapterServer:
         """One batch, in the batcher's thread: every streamed row's tokens go to its tap as they come."""
         taps = [item.tap for item in items]
         return self.host.complete([item.request for item in items], on_token=lambda row, token: taps[row].put(token),
-                                  cancelled=lambda row: taps[row].cancelled)
+                                  cancelled=lambda row: taps[row].cancelled, pause=self._pause)
+
+    def _pause(self, generated: int) -> bool:
+        """Stop a batch that has made progress when requests wait: they join its rows' continuation."""
+        return self.cfg.admit_after > 0 and generated >= self.cfg.admit_after and bool(self.batcher.queue)
+
+    @staticmethod
+    def _again(item: Pending, completion: Completion) -> Pending | None:
+        if completion.finish_reason != "paused":
+            return None
+        item.route = item.route or completion.route
+        item.request = replace(item.request, model=completion.model, continued=tuple(completion.tokens))
+        return item
 
     async def _admit(self, request: Request) -> None:
         """Start the heartbeat, refuse what this backbone cannot take, and load a cold adapter through Serve's
@@ -216,8 +234,9 @@ class AdapterServer:
         started = time.perf_counter()
         await self._admit(request)
         tap = Tap(asyncio.get_running_loop(), streamed=False)
+        pending = Pending(request, tap)
         try:
-            completion = await self.batcher.submit(Pending(request, tap))
+            completion = pending.finish(await self.batcher.submit(pending))
         except asyncio.CancelledError:  # the client left: its row stops at the next token
             tap.cancelled = True
             raise
@@ -229,14 +248,15 @@ class AdapterServer:
         started = time.perf_counter()
         await self._admit(request)
         tap, text = Tap(asyncio.get_running_loop()), Detokenizer(self.host.processor.tokenizer)
-        answer = asyncio.ensure_future(self.batcher.submit(Pending(request, tap)))
+        pending = Pending(request, tap)
+        answer = asyncio.ensure_future(self.batcher.submit(pending))
         answer.add_done_callback(lambda _: tap.close())
         try:
             yield ""
             while (token := await tap.queue.get()) is not END:
                 if delta := text.add(token):
                     yield delta
-            completion = await answer
+            completion = pending.finish(await answer)
             if rest := text.rest(completion.text):
                 yield rest
             self._observe(completion, started)

@@ -21,6 +21,7 @@ from strata.data.collate import Encoded, collate
 
 TokenCallback = Callable[[int, int], None]  # (row index in `enc`, token id)
 Cancelled = Callable[[int], bool]  # row index in `enc` -> its client went away
+Pause = Callable[[int], bool]  # new tokens so far -> stop the batch here (others are waiting to join it)
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,24 @@ class Generated:
 
     tokens: list[int]
     text: str
-    finish_reason: str  # "stop": end of sequence; "length": the token budget ran out; "cancelled": the client left
+    finish_reason: str  # "stop": end of sequence; "length": the budget ran out; "cancelled": the client left;
+    # "paused": `pause` stopped the batch first
 
 
 class _Budgets(StoppingCriteria):
     """Stops each row once it has its own number of new tokens, or its client went away (generate
     pads rows that stopped, and ends the batch when every row has)."""
 
-    def __init__(self, prompt_len: int, budgets: list[int], offset: int, cancelled: Cancelled | None) -> None:
+    def __init__(self, prompt_len: int, budgets: list[int], offset: int, cancelled: Cancelled | None,
+                 pause: Pause | None) -> None:
         self.prompt_len, self.budgets, self.offset, self.cancelled = prompt_len, torch.tensor(budgets), offset, cancelled
+        self.pause, self.paused = pause, False
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = (input_ids.shape[1] - self.prompt_len) >= self.budgets.to(input_ids.device)
+        if self.pause is not None and self.pause(input_ids.shape[1] - self.prompt_len):
+            self.paused = True
+            return torch.ones_like(done)
         if self.cancelled is not None:
             gone = [self.cancelled(self.offset + row) for row in range(len(self.budgets))]
             done = done | torch.tensor(gone, device=input_ids.device)
@@ -86,14 +93,16 @@ class _Rows(BaseStreamer):
         """Nothing to flush: every token was handed out as it came."""
 
 
-def _finish(row: list[int], budget: int, eos: int | None, tokenizer, cancelled: int | None) -> Generated:
-    row = row[:budget]
+def _finish(row: list[int], budget: int, eos: int | None, tokenizer, cancelled: int | None,
+            steps: int, paused: bool) -> Generated:
+    row = row[: min(budget, steps)]
     if cancelled is not None:  # what it got before its client left
         row = row[:cancelled]
         return Generated(row, tokenizer.decode(row, skip_special_tokens=True).strip(), "cancelled")
     stop = eos in row
     row = row[: row.index(eos)] if stop else row
-    return Generated(row, tokenizer.decode(row, skip_special_tokens=True).strip(), "stop" if stop else "length")
+    reason = "stop" if stop else "length" if len(row) >= budget or not paused else "paused"
+    return Generated(row, tokenizer.decode(row, skip_special_tokens=True).strip(), reason)
 
 
 def _unpadded(row: list[int], pad: int | None) -> int:
@@ -104,8 +113,13 @@ def _unpadded(row: list[int], pad: int | None) -> int:
 def generate(model: torch.nn.Module, processor, enc: Encoded, max_new_tokens: int | list[int],
              temperature: float = 0.0, batch_size: int = 256, on_token: TokenCallback | None = None,
              top_p: float = 1.0, ignore_eos: bool | list[bool] = False,
-             cancelled: Cancelled | None = None) -> list[Generated]:
-    """Decode an answer for every row of `enc` (greedy at temperature 0, else sampled with `top_p`)."""
+             cancelled: Cancelled | None = None, pause: Pause | None = None) -> list[Generated]:
+    """Decode an answer for every row of `enc` (greedy at temperature 0, else sampled with `top_p`).
+
+    `pause(n)`, asked after every step, stops the batch after its n-th new token: rows that had not
+    ended come back as "paused" with their tokens so far, to be continued in a batch that new
+    requests join (serving's admission; the tokens are those an unpaused batch gives).
+    """
     tok = processor.tokenizer
     budgets = [max_new_tokens] * len(enc) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(enc) or min(budgets, default=1) < 1:
@@ -122,14 +136,16 @@ def generate(model: torch.nn.Module, processor, enc: Encoded, max_new_tokens: in
         prompt_len = batch["input_ids"].shape[1]
         streamer = _Rows(start, rows, tok.eos_token_id, on_token, cancelled) if on_token else None
         forced = [no_eos[i] for i in idx]
+        criteria = _Budgets(prompt_len, rows, start, cancelled, pause)
         ids = model.generate(**batch, max_new_tokens=max(rows), pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, streamer=streamer,
                              logits_processor=LogitsProcessorList([_NoEos(forced, tok.eos_token_id)] if any(forced) else []),
-                             stopping_criteria=StoppingCriteriaList([_Budgets(prompt_len, rows, start, cancelled)]),
+                             stopping_criteria=StoppingCriteriaList([criteria]),
                              **sampling)
         new = ids[:, prompt_len:].tolist()
         # A cancelled row keeps the tokens its client was sent (without a streamer: up to the padding).
         kept = [(streamer.handed[j] if streamer else _unpadded(new[j], tok.pad_token_id))
                 if cancelled and cancelled(i) else None for j, i in enumerate(idx)]
-        out += [_finish(r, b, tok.eos_token_id, tok, k) for r, b, k in zip(new, rows, kept)]
+        steps = ids.shape[1] - prompt_len
+        out += [_finish(r, b, tok.eos_token_id, tok, k, steps, criteria.paused) for r, b, k in zip(new, rows, kept)]
     return out

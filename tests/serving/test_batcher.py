@@ -50,3 +50,21 @@ def test_a_lone_request_waits_no_longer_than_the_bound() -> None:
     assert asyncio.run(main()) < 0.5
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         MicroBatcher(lambda items: items, max_batch_size=0)
+
+
+def test_an_item_run_again_goes_on_in_the_next_batch_beside_those_that_arrived() -> None:
+    calls: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(items)
+        return [f"{i}+" if i.count("+") < 1 and i == "a" else f"{i}!" for i in items]
+
+    async def main() -> list[str]:
+        batcher = MicroBatcher(run, max_batch_size=4, wait_s=0.01,
+                               again=lambda item, result: result if result.endswith("+") else None)
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0)
+        return await asyncio.gather(first, batcher.submit("b"))
+
+    assert asyncio.run(main()) == ["a+!", "b!"]
+    assert calls == [["a", "b"], ["a+"]] or calls == [["a"], ["a+", "b"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 import torch
@@ -163,3 +164,20 @@ def test_text_deltas_add_up_to_the_answer_and_wait_at_most_three_tokens_for_a_ch
     garbage = Detokenizer(tok)  # a byte that is never valid UTF-8, as an untrained model emits
     sent = [garbage.add(tok.convert_tokens_to_ids("þ")) for _ in range(8)]
     assert sent[3] and all(not s for s in sent[:3])
+
+
+def test_a_paused_batch_goes_on_with_its_own_tokens_as_if_never_paused(registry, rows, test_spec):
+    host = AdapterHost(registry.uri, test_spec, capacity=4)
+    reqs = [Request(m, r["prompt"], (r["image"],), max_tokens=10, ignore_eos=True)
+            for m, r in zip(["default/seqlora", "default/colour", "default/auto"], rows["colour"])]
+    whole = host.complete(reqs)
+    first = host.complete(reqs, pause=lambda generated: generated >= 3)
+    assert [c.finish_reason for c in first] == ["paused"] * 3 and all(len(c.tokens) == 3 for c in first)
+    assert first[2].route is not None  # `auto` was routed once, and goes on under that exact version
+    joined = Request("default/shape", rows["shape"][0]["prompt"], (rows["shape"][0]["image"],), max_tokens=10)
+    again = host.complete([replace(r, model=c.model, continued=tuple(c.tokens)) for r, c in zip(reqs, first)]
+                          + [joined])
+    assert [(c.model, c.tokens, c.text, c.finish_reason) for c in again[:3]] == \
+        [(c.model, c.tokens, c.text, c.finish_reason) for c in whole]
+    assert [c.prompt_tokens for c in again[:3]] == [c.prompt_tokens for c in whole]
+    assert again[3].tokens == host.complete([joined])[0].tokens  # the request that joined is answered as alone

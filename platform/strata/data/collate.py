@@ -48,6 +48,14 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def extend(self, i: int, tokens: list[int]) -> None:
+        """Append already generated tokens to row i's prompt (text tokens: no image, no loss)."""
+        self.input_ids[i] = self.input_ids[i] + tokens
+        self.labels[i] = self.labels[i] + [IGNORE] * len(tokens)
+        self.prompt_lengths[i] += len(tokens)
+        for rows in self.token_types.values():
+            rows[i] = rows[i] + [0] * len(tokens)
+
     def select(self, idx: list[int]) -> Encoded:
         """A row subset, in the given order."""
         return Encoded(

@@ -5,7 +5,9 @@ adapters would never share a forward. This one keeps them together: the first re
 waits at most `wait_s` for company, and a batch holds at most `max_batch_size` requests. A batch
 runs in a worker thread, so the replica's event loop stays free to stream tokens out while it
 generates; `lock` is held for the whole call, and whoever else changes the model (an adapter load)
-takes it first, so nothing touches the model while a batch generates.
+takes it first, so nothing touches the model while a batch generates. `again` lets a batch end
+early: an item it returns goes back to the front of the queue, and runs on in the next batch,
+beside the requests that arrived meanwhile.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ R = TypeVar("R")
 class MicroBatcher(Generic[T, R]):
     """`await submit(item)` returns `run([... item ...])`'s answer for that item."""
 
-    def __init__(self, run: Callable[[list[T]], list[R]], max_batch_size: int = 16, wait_s: float = 0.005) -> None:
+    def __init__(self, run: Callable[[list[T]], list[R]], max_batch_size: int = 16, wait_s: float = 0.005,
+                 again: Callable[[T, R], T | None] | None = None) -> None:
         if max_batch_size < 1 or wait_s < 0:
             raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {max_batch_size} and {wait_s}")
         self.run, self.max_batch_size, self.wait_s = run, max_batch_size, wait_s
+        self.again = again or (lambda item, result: None)  # an item to run again instead of this result
         self.queue: list[tuple[T, asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
         self.lock = asyncio.Lock()
@@ -60,9 +64,13 @@ class MicroBatcher(Generic[T, R]):
             for one in batch:
                 await self._answer([one])
             return
-        for (_, future), result in zip(batch, results):
-            if not future.done():
+        requeued = []
+        for (item, future), result in zip(batch, results):
+            if (nxt := self.again(item, result)) is not None:  # unfinished: it goes on in the next batch
+                requeued.append((nxt, future))
+            elif not future.done():
                 future.set_result(result)
+        self.queue[:0] = requeued
 
 
 def raise_into(future: asyncio.Future) -> None:

@@ -22,7 +22,7 @@ from strata.backbone.features import pooled_features
 from strata.backbone.load import fingerprint, load_backbone, resolve
 from strata.config import BackboneSpec
 from strata.data.collate import Conversation, encode_conversations
-from strata.generation import Cancelled, TokenCallback, generate
+from strata.generation import Cancelled, Generated, Pause, TokenCallback, generate
 from strata.registry import Ref, Registry, RegistryError, parse_id
 from strata.routing import ROUTER_FILE, PrototypeRouter, Routed
 from strata.serving.mixed_lora import MixedLoRA
@@ -46,6 +46,7 @@ class Request:
     raw: bool = False  # a plain completion prompt (`/v1/completions`): no chat template
     top_p: float = 1.0
     ignore_eos: bool = False  # run to max_tokens (vLLM's extension): benchmarks force the answer length
+    continued: tuple[int, ...] = ()  # tokens already generated for it, before its batch paused to admit others
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Completion:
     model: str  # `<stream>/<adapter>@v<N>`
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" (end of sequence), "length" (max_tokens) or "cancelled" (the client left)
+    finish_reason: str  # "stop" (end of sequence), "length" (max_tokens), "cancelled" (the client left), "paused"
     prompt_tokens: int = 0
     route: Routed | None = None  # for `<stream>/auto`: the task it was routed to, and how far it was
 
@@ -174,10 +175,12 @@ class AdapterHost:
 
     # ---- generation ---------------------------------------------------------------------------
     def complete(self, requests: list[Request], on_token: TokenCallback | None = None,
-                 cancelled: Cancelled | None = None) -> list[Completion]:
+                 cancelled: Cancelled | None = None, pause: Pause | None = None) -> list[Completion]:
         """Answer a batch of requests, rows of different adapters in one forward where they fit.
 
-        `on_token(i, token)` gets request i's tokens as they are decoded; `cancelled(i)` ends request i early.
+        `on_token(i, token)` gets request i's tokens as they are decoded; `cancelled(i)` ends request i
+        early; `pause` stops the batch early, and an unfinished request comes back "paused", with its
+        tokens so far, to be continued (`Request.continued`) in a batch that others join.
         """
         while self.released:
             name = self.released.popleft()
@@ -186,17 +189,25 @@ class AdapterHost:
         enc = encode_conversations(self.processor, [
             Conversation(r.prompt, r.images, tuple(r.history), r.image_turns, raw=r.raw) for r in requests])
         refs, routed = self._refs(requests, enc)
+        for i, r in enumerate(requests):  # a continued request goes on from its own tokens, as if never paused
+            enc.extend(i, list(r.continued))
         out: list[Completion | None] = [None] * len(requests)
         for sampling in sorted({(r.temperature, r.top_p) for r in requests}):
             rows = [i for i, r in enumerate(requests) if (r.temperature, r.top_p) == sampling]
             for chunk in self._fitting(rows, refs):
                 names = [self.load(refs[i]) for i in chunk]
                 tap, gone = self._taps(chunk, on_token, cancelled)
-                for i, c in zip(chunk, self._generate(enc.select(chunk), names, [requests[i] for i in chunk],
-                                                      *sampling, tap, gone)):
-                    out[i] = Completion(str(refs[i]), *c, prompt_tokens=len(enc.input_ids[i]), route=routed[i])
-                    self.stats.requests[str(refs[i])] += 1
+                for i, g in zip(chunk, self._generate(enc.select(chunk), names, [requests[i] for i in chunk],
+                                                      *sampling, tap, gone, pause)):
+                    out[i] = self._completion(requests[i], refs[i], g, len(enc.input_ids[i]), routed[i])
         return out
+
+    def _completion(self, request: Request, ref: Ref, g: Generated, prompt: int, route: Routed | None) -> Completion:
+        tokens = [*request.continued, *g.tokens]
+        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True).strip() if request.continued else g.text
+        if g.finish_reason != "paused":
+            self.stats.requests[str(ref)] += 1
+        return Completion(str(ref), text, tokens, g.finish_reason, prompt - len(request.continued), route)
 
     def _taps(self, chunk: list[int], on_token: TokenCallback | None,
               cancelled: Cancelled | None) -> tuple[TokenCallback, Cancelled | None]:
@@ -262,9 +273,8 @@ class AdapterHost:
         return [0 if p is None else 1 for p in pixels] if None in pixels else None
 
     def _generate(self, enc, names: list[str], requests: list[Request], temperature: float, top_p: float,
-                  on_token: TokenCallback, cancelled: Cancelled | None) -> list[tuple[str, list[int], str]]:
+                  on_token: TokenCallback, cancelled: Cancelled | None, pause: Pause | None) -> list[Generated]:
         with self.mixed.select(names, self._vision_rows(enc)) as model:
-            out = generate(model, self.processor, enc, [r.max_tokens for r in requests], temperature,
-                           on_token=on_token, top_p=top_p, ignore_eos=[r.ignore_eos for r in requests],
-                           cancelled=cancelled)
-        return [(g.text, g.tokens, g.finish_reason) for g in out]
+            return generate(model, self.processor, enc, [r.max_tokens - len(r.continued) for r in requests],
+                            temperature, on_token=on_token, top_p=top_p, ignore_eos=[r.ignore_eos for r in requests],
+                            cancelled=cancelled, pause=pause)
