@@ -217,8 +217,7 @@ class AdapterServer:
         if len(request.images) > 1 and not several_images(self.host.processor):
             raise ApiError(400, f"this backbone's family takes one image per conversation in Strata; got "
                                 f"{len(request.images)}", param="messages")
-        if self.heartbeat is None or self.heartbeat.done():
-            self.heartbeat = asyncio.create_task(self._beat())
+        await self.check_health()
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.get_model(model_id)

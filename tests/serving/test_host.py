@@ -181,3 +181,29 @@ def test_a_paused_batch_goes_on_with_its_own_tokens_as_if_never_paused(registry,
         [(c.model, c.tokens, c.text, c.finish_reason) for c in whole]
     assert [c.prompt_tokens for c in again[:3]] == [c.prompt_tokens for c in whole]
     assert again[3].tokens == host.complete([joined])[0].tokens  # the request that joined is answered as alone
+
+
+def test_every_malformed_completion_or_chat_option_is_refused_by_field() -> None:
+    from strata.serving.openai import ApiError, parse_completion
+
+    png = "data:image/png;base64," + base64.b64encode(generate_task("colour", 0, 0, 0, 1)["image"][0].as_py()).decode()
+    image = {"type": "image_url", "image_url": {"url": png}}
+    chat = {"model": "default/colour", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}]}
+    cases = [
+        (parse_completion, {"model": "m", "prompt": ""}, "prompt"),
+        (parse_completion, {"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        (parse_completion, {"model": "m", "prompt": "a", "echo": True}, "prompt"),
+        (parse_chat, {**chat, "stream_options": {"include_usage": True}}, "stream_options"),
+        (parse_chat, {**chat, "ignore_eos": "yes"}, "ignore_eos"),
+        (parse_chat, {**chat, "presence_penalty": 0.5}, "presence_penalty"),
+        (parse_chat, {**chat, "messages": [{"role": "user", "content": [image] * 3 + [{"type": "text", "text": "?"}]}]},
+         "messages"),
+        (parse_chat, {**chat, "messages": [{"role": "assistant", "content": [image]}, *chat["messages"]]}, "messages[0]"),
+    ]
+    for parse, body, field in cases:
+        with pytest.raises(ApiError) as e:
+            parse(body, Limits(max_images=2))
+        assert (e.value.status, e.value.param) == (400, field), (body, e.value.message)
+    request, streaming = parse_completion({"model": "m", "prompt": ["once"], "stream": True,
+                                           "stream_options": {"include_usage": True}}, Limits())
+    assert request.raw and request.prompt == "once" and streaming.include_usage
