@@ -37,7 +37,7 @@ from strata.config import BackboneSpec
 from strata.data.collate import several_images
 from strata.registry import Ref, Registry, RegistryError, parse_id
 from strata.routing import ROUTER_FILE, Routed
-from strata.serving.batcher import MicroBatcher
+from strata.serving.batcher import MicroBatcher, should_pause
 from strata.serving.host import AdapterHost, Completion, Request, UnknownAdapter, adapter_name, resolve_id
 from strata.serving.openai import (
     ApiError,
@@ -49,7 +49,7 @@ from strata.serving.openai import (
     parse_completion,
     text_completion_body,
 )
-from strata.serving.stream import END, Detokenizer, Tap
+from strata.serving.stream import Detokenizer, Tap
 from strata.serving.traffic import Reports, Traffic
 
 
@@ -200,8 +200,9 @@ class AdapterServer:
                                   cancelled=lambda row: taps[row].cancelled, pause=self._pause)
 
     def _pause(self, generated: int) -> bool:
-        """Stop a batch that has made progress when requests wait: they join its rows' continuation."""
-        return self.cfg.admit_after > 0 and generated >= self.cfg.admit_after and bool(self.batcher.queue)
+        """Stop a batch that has made progress when requests wait: they join its rows' continuation
+        (`should_pause` says when)."""
+        return should_pause(generated, len(self.batcher.queue), self.batcher.sizes[-1], self.cfg.admit_after)
 
     @staticmethod
     def _again(item: Pending, completion: Completion) -> Pending | None:
@@ -252,8 +253,8 @@ class AdapterServer:
         answer.add_done_callback(lambda _: tap.close())
         try:
             yield ""
-            while (token := await tap.queue.get()) is not END:
-                if delta := text.add(token):
+            while (tokens := await tap.drain()) is not None:
+                if delta := "".join(text.add(t) for t in tokens):
                     yield delta
             completion = pending.finish(await answer)
             if rest := text.rest(completion.text):

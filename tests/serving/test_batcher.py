@@ -68,3 +68,14 @@ def test_an_item_run_again_goes_on_in_the_next_batch_beside_those_that_arrived()
 
     assert asyncio.run(main()) == ["a+!", "b!"]
     assert calls == [["a", "b"], ["a+"]] or calls == [["a"], ["a+", "b"]]
+
+
+def test_a_batch_pauses_for_waiting_requests_after_admit_after_tokens_or_one_when_they_outnumber_it() -> None:
+    from strata.serving.batcher import should_pause
+
+    assert not should_pause(5, waiting=0, running=1, admit_after=2)  # nobody waits
+    assert not should_pause(1, waiting=1, running=8, admit_after=2)  # one newcomer: re-reading 8 rows waits
+    assert should_pause(2, waiting=1, running=8, admit_after=2)
+    assert should_pause(1, waiting=7, running=1, admit_after=2)  # a lone row, seven waiting: at once
+    assert not should_pause(0, waiting=7, running=1, admit_after=2)  # nothing generated yet
+    assert not should_pause(9, waiting=7, running=1, admit_after=0)  # admission off

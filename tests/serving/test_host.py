@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from dataclasses import replace
 
@@ -161,9 +162,24 @@ def test_text_deltas_add_up_to_the_answer_and_wait_at_most_three_tokens_for_a_ch
         d = Detokenizer(tok)
         deltas = [d.add(t) for t in ids]
         assert "".join(deltas) + d.rest(tok.decode(ids).strip()) == tok.decode(ids).strip()
-    garbage = Detokenizer(tok)  # a byte that is never valid UTF-8, as an untrained model emits
-    sent = [garbage.add(tok.convert_tokens_to_ids("þ")) for _ in range(8)]
-    assert sent[3] and all(not s for s in sent[:3])
+    garbage = Detokenizer(tok)  # 0xFE is never valid UTF-8 (an untrained model emits it): sent at once
+    assert all(garbage.add(tok.convert_tokens_to_ids("þ")) == "\ufffd" for _ in range(4))
+    split = Detokenizer(tok)  # 😀's four bytes as four byte tokens: nothing until the last
+    assert [split.add(tok.convert_tokens_to_ids(c)) for c in "ðŁĺĢ"] == ["", "", "", "😀"]
+
+
+def test_byte_fallback_tokens_hold_only_a_character_that_can_still_complete():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from strata.serving.stream import Detokenizer
+
+    vocab = {"<unk>": 0, "<0xC3>": 1, "<0xA9>": 2, "<0xFE>": 3, "\u2581caf": 4}
+    spm = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    spm.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, unk_token="<unk>")
+    d = Detokenizer(tok)
+    assert [d.add(t) for t in (4, 1, 2, 4, 3)] == ["caf", "", "é", " caf", "\ufffd"]
 
 
 def test_a_paused_batch_goes_on_with_its_own_tokens_as_if_never_paused(registry, rows, test_spec):
@@ -207,3 +223,19 @@ def test_every_malformed_completion_or_chat_option_is_refused_by_field() -> None
     request, streaming = parse_completion({"model": "m", "prompt": ["once"], "stream": True,
                                            "stream_options": {"include_usage": True}}, Limits())
     assert request.raw and request.prompt == "once" and streaming.include_usage
+
+
+def test_a_tap_hands_over_every_token_that_came_and_then_the_end() -> None:
+    import threading
+
+    from strata.serving.stream import Tap
+
+    async def main() -> list:
+        tap = Tap(asyncio.get_running_loop())
+        worker = threading.Thread(target=lambda: ([tap.put(t) for t in (1, 2, 3)], tap.close()))
+        worker.start()
+        worker.join()
+        await asyncio.sleep(0)  # the thread's hand-offs land on this loop
+        return [await tap.drain(), await tap.drain(), await tap.drain()]
+
+    assert asyncio.run(main()) == [[1, 2, 3], None, None]

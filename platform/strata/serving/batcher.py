@@ -77,3 +77,16 @@ def raise_into(future: asyncio.Future) -> None:
     """Hand the exception being handled to the waiting request."""
     if not future.done():
         future.set_exception(sys.exc_info()[1])
+
+
+def should_pause(generated: int, waiting: int, running: int, admit_after: int) -> bool:
+    """Whether a running batch should stop so that waiting requests join it (serving's admission).
+
+    It stops once it has `admit_after` new tokens; after its first one already when the waiting
+    requests are at least as many as its rows, since re-reading its rows then costs no more than
+    the newcomers' own prefill. `admit_after` 0 never stops a batch.
+    """
+    if admit_after <= 0 or waiting == 0:
+        return False
+    return generated >= (1 if waiting >= running else admit_after)
+

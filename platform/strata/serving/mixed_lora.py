@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 
 @dataclass
@@ -34,6 +35,7 @@ class MixedLoRA:
     def __init__(self, model: PeftModel) -> None:
         self.model = model
         self.layers: list[LoraLinear] = []
+        self.tuned: list[BaseTunerLayer] = []  # every PEFT layer: their own adapters are off during a mixed batch
         self.seen: list[str] | None = None  # peft_config's adapters when the stacks were built
         self.names: list[str] = []
         self.stacks: dict[torch.nn.Module, Stack] = {}
@@ -43,7 +45,8 @@ class MixedLoRA:
     def refresh(self) -> None:
         """Re-find the LoRA layers and re-stack them after adapters were loaded or deleted."""
         self.seen = list(self.model.peft_config)
-        self.layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+        self.tuned = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self.layers = [m for m in self.tuned if isinstance(m, LoraLinear)]
         self.names = [n for n in self.model.peft_config if n in self._lora_names()]
         self.stacks = {layer: self._stack(layer) for layer in self.layers}
 
@@ -90,10 +93,16 @@ class MixedLoRA:
             self.refresh()
         self.rows, self.patch_rows = self.slots(adapters), patch_rows
         hooks = [layer.register_forward_hook(self._add_delta) for layer in self.layers]
+        # PEFT's own `disable_adapter()` walks the whole model and its parameters twice (about 60 ms a
+        # batch on the width-512 backbone, more than a decode step); the layers are known, so flip them.
+        was = [layer._disable_adapters for layer in self.tuned]
         try:
-            with self.model.disable_adapter():
-                yield self.model
+            for layer in self.tuned:
+                layer._disable_adapters = True
+            yield self.model
         finally:
+            for layer, off in zip(self.tuned, was):
+                layer._disable_adapters = off
             for h in hooks:
                 h.remove()
             self.rows = self.patch_rows = None
