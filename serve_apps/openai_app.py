@@ -227,7 +227,9 @@ class AdapterServer:
         self.requests.inc(tags={"adapter": completion.model})
         if completion.route is not None and completion.route.low_confidence:
             self.far.inc(tags={"adapter": completion.model})
-        self.latency.observe(time.perf_counter() - started, tags={"adapter": completion.model})
+        seconds = time.perf_counter() - started
+        self.latency.observe(seconds, tags={"adapter": completion.model})
+        self.host.stats.seconds[completion.model] += seconds
 
     async def complete(self, request: Request) -> Completion:
         """Answer one request (batched with whatever else arrives within the wait)."""
@@ -294,7 +296,7 @@ class AdapterServer:
     def stats(self) -> dict:
         """This replica's counters: requests, loads and evictions per adapter version, tokens generated."""
         s = self.host.stats
-        return {"requests": dict(s.requests), "loads": dict(s.loads), "evictions": dict(s.evictions),
+        return {"requests": dict(s.requests), "seconds": dict(s.seconds), "loads": dict(s.loads), "evictions": dict(s.evictions),
                 "low_confidence_routes": dict(s.low_confidence), "tokens": s.tokens, "rss_mb": rss_mb(),
                 "load_seconds": s.load_seconds, "resident": [str(r) for r in self.host.resident.values()],
                 "hot": sorted(self.host.hot), "batch_sizes": list(self.batcher.sizes)[-100:]}

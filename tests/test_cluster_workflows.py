@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,65 +29,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray_processes import free_port, start_cluster, stop_cluster
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 SERVE = str(Path(sys.executable).with_name("serve"))
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_cluster(env: dict, tmp: str) -> tuple[str, int]:
-    """cluster/start_local.sh: a head and 2 worker nodes on fresh ports; returns (dashboard address, session id)."""
-    dashboard = free_port()
-    # Its own session: every Ray process of this cluster stays in it, so teardown stops exactly those.
-    proc = subprocess.Popen(
-        ["bash", str(REPO / "cluster" / "start_local.sh"), "2", "1"],
-        env={**env, "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dashboard), "RAY_TMPDIR": tmp},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        stop_cluster(proc.pid)
-        raise
-    if proc.returncode != 0:
-        stop_cluster(proc.pid)
-        pytest.fail(f"cluster/start_local.sh failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    return f"http://127.0.0.1:{dashboard}", proc.pid
-
-
-def stop_cluster(session: int) -> None:
-    """Stop every process of the cluster started in `session`, and nothing else."""
-    import psutil
-
-    # Not `ray stop`: it stops every Ray on the machine, other test runs' clusters included. SIGKILL,
-    # as `ray stop --force` sends: the cluster and its temp dir are thrown away.
-    for _ in range(3):  # again, for a worker a raylet started while the others stopped
-        procs = [p for p in psutil.process_iter() if session_of(p.pid) == session]
-        if not procs:
-            return
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(procs, timeout=10)
-
-
-def session_of(pid: int) -> int | None:
-    """The session id of a process, or None when it is gone."""
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from strata.hooks import Strategy, TaskContext, record
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
 from strata.routing import Routed
 from strata.strategies import make_strategy
+from strata.tracking import write_curve
 from strata.train.driver import TaskJob, TrainSession, fit_local, fit_task
 
 
@@ -206,6 +207,7 @@ def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> di
         trained = s.session.fit(job)
     else:
         trained = fit_task(job, checkpoint_storage(s.cfg), f"{s.name}-{ctx.index:02d}-{ctx.name}-{run_id}")
+    write_curve(s.out / "tensorboard", ctx.name, trained.get("curve", []))
     return {k: v for k, v in trained.items() if isinstance(v, (int, float, str))}
 
 

@@ -496,3 +496,39 @@ def serve(
     ray_serve.start(http_options={"host": host, "port": port}, logging_config=quiet.serve_logging())
     console.print(f"serving {args.get('registry')} at http://{host}:{port}/v1 (Ctrl-C stops)")
     ray_serve.run(build(args), name="strata", route_prefix="/", blocking=True, logging_config=quiet.serve_logging())
+
+
+@app.command("console")
+def console_command(
+    runs: Path = typer.Option(Path("runs"), help="Where stream output directories are (each `--out` of arrive/run)."),
+    registry: str = typer.Option("runs/stream/registry", envvar="STRATA_REGISTRY", help="The registry to show and change."),
+    data_root: list[Path] = typer.Option([Path("data")], "--data-root", help="A directory launched datasets may come from; repeat for several."),
+    tune_spaces: Path = typer.Option(Path("tune_spaces"), help="The sweep files the page offers."),
+    ray_dashboard: str = typer.Option("http://127.0.0.1:8265", help="The Ray dashboard: jobs go there."),
+    serve_url: str = typer.Option("http://127.0.0.1:8000", help="The serving ingress (its /v1/stats)."),
+    backbone: str | None = typer.Option(None, help="The backbone launched arrivals use (default: the run config's)."),
+    executor: str | None = typer.Option(None, help="ray or local, for launched arrivals (default: the run config's)."),
+    token: str | None = typer.Option(None, envvar="STRATA_CONSOLE_TOKEN", help="Require sign-in with this token."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8080, help="HTTP port."),
+) -> None:
+    """The web console: streams, registry (promote, roll back), launches as Ray jobs, serving (Ctrl-C stops it)."""
+    import os
+
+    import uvicorn
+
+    from strata.console.app import create_app
+    from strata.console.config import ConsoleConfig
+
+    try:
+        cfg = ConsoleConfig(runs=runs, registry=registry, data_roots=tuple(data_root), tune_spaces=tune_spaces,
+                            ray_dashboard=ray_dashboard, serve_url=serve_url, backbone=backbone, executor=executor,
+                            token=token)
+    except ValueError as e:
+        fail(str(e))
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        console.print("[yellow]warning:[/] no token, and listening beyond loopback: anyone who reaches "
+                      f"{host}:{port} can promote versions and launch jobs (set --token)")
+    console.print(f"console at http://{host}:{port}/ (Ctrl-C stops)")
+    uvicorn.run(create_app(cfg, os.environ.get("STRATA_SERVE_TOKEN")), host=host, port=port, log_level="warning")
+

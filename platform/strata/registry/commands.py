@@ -100,12 +100,17 @@ def show(adapter_id: str = typer.Argument(..., help="<stream>/<adapter>[@v<N>] (
 def promote(adapter_id: str = typer.Argument(..., help="<stream>/<adapter>@v<N>"), registry: str = REGISTRY,
             stream: str = STREAM, force: bool = typer.Option(False, help="Promote even a version the gate rejected.")) -> None:
     """Serve a version: point `production` at it and archive the one it replaces."""
+    ref = promote_version(Registry(registry), adapter_id, stream, force)
+    console.print(f"[green]production[/] {ref.stream}/{ref.adapter} -> v{ref.version}")
+
+
+def promote_version(reg: Registry, adapter_id: str, stream: str, force: bool = False, by: str = "") -> Ref:
+    """Point `production` at an exact version (the CLI's and the console's promote); the version."""
     if parse_id(adapter_id, stream)[2] is None:
         raise RegistryError(f"promote needs a version: {adapter_id}@v<N>")
-    reg = Registry(registry)
     ref = ref_of(reg, adapter_id, stream)
-    reg.promote(ref, "promoted by hand" + (" (forced)" if force else ""), force=force)
-    console.print(f"[green]production[/] {ref.stream}/{ref.adapter} -> v{ref.version}")
+    reg.promote(ref, "promoted by hand" + (f" from {by}" if by else "") + (" (forced)" if force else ""), force=force)
+    return ref
 
 
 @registry_app.command("rollback")
@@ -113,11 +118,15 @@ def promote(adapter_id: str = typer.Argument(..., help="<stream>/<adapter>@v<N>"
 def rollback(adapter_id: str = typer.Argument(..., help="<stream>/<adapter>"), registry: str = REGISTRY,
              stream: str = STREAM, to: int | None = typer.Option(None, help="Version to serve (default: the previous production).")) -> None:
     """Serve the previous production version again (or `--to N`)."""
+    before, ref = rollback_version(Registry(registry), adapter_id, stream, to)
+    console.print(f"[green]rolled back[/] {ref.stream}/{ref.adapter}: v{before} -> v{ref.version}")
+
+
+def rollback_version(reg: Registry, adapter_id: str, stream: str, to: int | None = None) -> tuple[int | None, Ref]:
+    """Serve the previous production version again, or `to` (the CLI's and the console's roll back)."""
     s, adapter, _ = parse_id(adapter_id, stream)
-    reg = Registry(registry)
     before = reg.production(s, adapter)
-    ref = reg.rollback(s, adapter, to)
-    console.print(f"[green]rolled back[/] {s}/{adapter}: v{before} -> v{ref.version}")
+    return before, reg.rollback(s, adapter, to)
 
 
 @registry_app.command("diff")
@@ -126,19 +135,28 @@ def diff(a: str = typer.Argument(..., help="<stream>/<adapter>@v<N>"), b: str = 
          registry: str = REGISTRY, stream: str = STREAM) -> None:
     """Compare two versions' metrics task by task (val and test accuracy), and their drift and gate."""
     reg = Registry(registry)
-    cards = [reg.card(ref_of(reg, x, stream, "latest")) for x in (a, b)]
-    names = [f"{c['adapter']}@v{c['version']}" for c in cards]
+    refs = [ref_of(reg, x, stream, "latest") for x in (a, b)]
+    names = [f"{r.adapter}@v{r.version}" for r in refs]
     table = Table(title=f"{names[0]} vs {names[1]}")
     for col in ("metric", *names, "Δ"):
         table.add_column(col, justify="left" if col == "metric" else "right")
+    for row in version_rows(reg, *refs):
+        table.add_row(*row)
+    console.print(table)
+
+
+def version_rows(reg: Registry, a: Ref, b: Ref) -> list[tuple[str, str, str, str]]:
+    """Two versions side by side: (metric, a, b, Δ) per task's val and test accuracy, KL to served, stage."""
+    cards = [reg.card(r) for r in (a, b)]
+    rows = []
     for split in ("val_accuracy", "test_accuracy"):
         values = [c.get("metrics", {}).get(split) or {} for c in cards]
         for task in dict.fromkeys([*values[0], *values[1]]):
-            table.add_row(f"{split.split('_')[0]} {task}", *delta(values[0].get(task), values[1].get(task)))
+            rows.append((f"{split.split('_')[0]} {task}", *delta(values[0].get(task), values[1].get(task))))
     kls = [(c.get("gate") or {}).get("kl") for c in cards]
-    table.add_row("KL to served", *delta(*kls, digits=3))
-    table.add_row("stage", *(c["stage"] for c in cards), "")
-    console.print(table)
+    rows.append(("KL to served", *delta(*kls, digits=3)))
+    rows.append(("stage", cards[0]["stage"], cards[1]["stage"], ""))
+    return rows
 
 
 @registry_app.command("gc")

@@ -66,6 +66,7 @@ class Stats:
     """Counters for the metrics endpoint."""
 
     requests: Counter = field(default_factory=Counter)  # per resolved adapter id
+    seconds: Counter = field(default_factory=Counter)  # per adapter id: request seconds, for the mean latency
     loads: Counter = field(default_factory=Counter)
     evictions: Counter = field(default_factory=Counter)
     load_seconds: float = 0.0

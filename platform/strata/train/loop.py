@@ -151,6 +151,7 @@ def train_task(
     check_val = cfg.val_every > 0 and val_rows is not None and len(val_rows) > 0
     val = encode_table(processor, val_rows.slice(0, MAX_VAL_ROWS), with_answers=True) if check_val else None
     stopper, last_val = EarlyStop(cfg.patience), None  # None: not checked (JSON has no NaN)
+    curve: list[list] = []  # a resumed task's curve starts at its checkpoint
 
     model.train()
     started = time.time()
@@ -178,9 +179,11 @@ def train_task(
         value = outputs.loss.item() * world  # this rank's task CE (strategy terms not included)
         loss_ema = value if math.isnan(loss_ema) else 0.9 * loss_ema + 0.1 * value
         stop = step == cfg.steps
-        if val is not None and step % cfg.val_every == 0 and not stop:
+        checked = val is not None and step % cfg.val_every == 0 and not stop
+        if checked:
             last_val = val_loss(engine, model, val, pad_id, device)
             stop = stopper.should_stop(last_val)
+        curve.append([step, loss_ema, last_val if checked else None])
         if rank == 0 and (step % log_every == 0 or stop):
             ended = f", stopped early (val loss {last_val:.4f})" if stop and step < cfg.steps else ""
             print(f"[{strategy.name}] {ctx.name} step {step}/{cfg.steps} loss {loss_ema:.4f}{ended}", flush=True)
@@ -207,6 +210,7 @@ def train_task(
         "trainable_params": n_trainable,
         "trainable_pct": 100.0 * n_trainable / n_total,
         "resumed_from": first - 1,
+        "curve": curve,  # [step, loss, val loss or None] per step: the driver writes it as TensorBoard scalars
         **strategy.metrics(),
     }
     with tempfile.TemporaryDirectory() as tmp, engine.whole():
