@@ -25,7 +25,7 @@ from strata.console.streams import StreamDir, find_streams, read_stream
 from strata.registry.commands import promote_version, rollback_version, version_rows
 from strata.registry.store import Ref, Registry, RegistryError
 
-OPEN = ("/health", "/signin", "/static/console.css")
+OPEN = ("/health", "/ready", "/signin", "/static/console.css")
 
 
 class Refused(Exception):
@@ -87,6 +87,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
         return page(request, "message.html", status=e.status, title=f"HTTP {e.status}", message=str(e))
 
     @api.get("/health")
+    @api.get("/ready")
     async def health() -> dict:
         """A probe: no sign-in."""
         return {"status": "ok"}
