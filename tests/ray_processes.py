@@ -25,21 +25,38 @@ def free_port() -> int:
 def start_cluster(env: dict, tmp: str) -> tuple[str, int]:
     """cluster/start_local.sh: a head and 2 worker nodes on fresh ports; returns (dashboard address, session id)."""
     dashboard = free_port()
-    # Its own session: every Ray process of this cluster stays in it, so teardown stops exactly those.
-    proc = subprocess.Popen(
-        ["bash", str(REPO / "cluster" / "start_local.sh"), "2", "1"],
-        env={**env, "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dashboard), "RAY_TMPDIR": tmp},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    env = {**env, "RAY_PORT": str(free_port()), "RAY_DASHBOARD_PORT": str(dashboard), "RAY_TMPDIR": tmp}
+    return f"http://127.0.0.1:{dashboard}", _started(["bash", str(REPO / "cluster" / "start_local.sh"), "2", "1"],
+                                                     env, 180)
+
+
+def start_head(env: dict, tmp: str, cpus: int = 2) -> tuple[str, int]:
+    """One `ray start --head` node with its dashboard on loopback; returns (dashboard address, session id).
+
+    The dashboard agent takes a free port, not 52365: another Ray on the machine would otherwise leave
+    this one without job submission ("No available agent to submit job").
+    """
+    dashboard = free_port()
+    command = [RAY, "start", "--head", f"--port={free_port()}", f"--num-cpus={cpus}", f"--temp-dir={tmp}",
+               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+               "--dashboard-agent-listen-port=0", "--disable-usage-stats"]
+    return f"http://127.0.0.1:{dashboard}", _started(command, env, 120)
+
+
+def _started(command: list[str], env: dict, timeout: float) -> int:
+    """Run a cluster start command in its own session (every Ray process it starts stays in it, so
+    teardown stops exactly those); returns the session id, or fails the test with its output."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=180)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop_cluster(proc.pid)
         raise
     if proc.returncode != 0:
         stop_cluster(proc.pid)
-        pytest.fail(f"cluster/start_local.sh failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    return f"http://127.0.0.1:{dashboard}", proc.pid
+        pytest.fail(f"{' '.join(command[:3])} failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    return proc.pid
 
 
 def stop_cluster(session: int) -> None:
@@ -66,26 +83,3 @@ def session_of(pid: int) -> int | None:
         return os.getsid(pid)
     except OSError:
         return None
-
-
-def start_head(env: dict, tmp: str, cpus: int = 2) -> tuple[str, int]:
-    """One `ray start --head` node with its dashboard on loopback; returns (dashboard address, session id).
-
-    The dashboard agent takes a free port, not 52365: another Ray on the machine would otherwise leave
-    this one without job submission ("No available agent to submit job").
-    """
-    dashboard = free_port()
-    proc = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={free_port()}", f"--num-cpus={cpus}", f"--temp-dir={tmp}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-         "--dashboard-agent-listen-port=0", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        stop_cluster(proc.pid)
-        raise
-    if proc.returncode != 0:
-        stop_cluster(proc.pid)
-        pytest.fail(f"ray start failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
-    return f"http://127.0.0.1:{dashboard}", proc.pid

@@ -17,7 +17,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from strata.hooks import Strategy, TaskContext, record
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
 from strata.routing import Routed
 from strata.strategies import make_strategy
-from strata.tracking import write_curve
+from strata.tracking import mlflow_tracker, write_curve
 from strata.train.driver import TaskJob, TrainSession, fit_local, fit_task
 
 
@@ -144,6 +144,8 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
         accuracy = {t: r.accuracy for t, r in results.items()}
         s.coord.set_status(s.name, task, s.owner, "evaluated", accuracy=accuracy, val_accuracy=val,
                            gate=verdict.record(), candidate=str(ref))
+        if tracker := mlflow_tracker(s.out):
+            tracker.log_task(ctx.index, accuracy, verdict.record())
         metrics = {"training": trained, "val_accuracy": val, "test_accuracy": accuracy}
         if verdict.passed or s.cfg.gate.mode == "report":
             promote(s, ctx, ref, verdict, metrics)
@@ -208,6 +210,8 @@ def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> di
     else:
         trained = fit_task(job, checkpoint_storage(s.cfg), f"{s.name}-{ctx.index:02d}-{ctx.name}-{run_id}")
     write_curve(s.out / "tensorboard", ctx.name, trained.get("curve", []))
+    if tracker := mlflow_tracker(s.out, asdict(s.cfg)):
+        tracker.log_curve(ctx.name, trained.get("curve", []))
     return {k: v for k, v in trained.items() if isinstance(v, (int, float, str))}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,17 @@ def trial(params: dict[str, Any], sweep: SweepConfig) -> None:
     run(cfg, Console(quiet=True), on_task)
 
 
+def mlflow_callbacks(name: str) -> list:
+    """Tune's MLflow logger (one MLflow run per trial, with its config and every report) when
+    $MLFLOW_TRACKING_URI is set; each trial's stream also logs its own run (`strata.tracking`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return []
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=f"strata-sweep-{name}", save_artifact=False)]
+
+
 def sweep_run(sweep: SweepConfig, console: Console | None = None):
     """Run the sweep on the current Ray cluster; print a table, write the best run config; return the ResultGrid."""
     from functools import partial
@@ -161,7 +173,8 @@ def sweep_run(sweep: SweepConfig, console: Console | None = None):
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                     num_samples=sweep.num_samples,
                                     max_concurrent_trials=sweep.max_concurrent_trials),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=str(Path(sweep.out).resolve())),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=str(Path(sweep.out).resolve()),
+                                  callbacks=mlflow_callbacks(sweep.name)),
     )
     grid = tuner.fit()
     summarize_sweep(sweep, grid, cfg.tasks, console)

@@ -205,7 +205,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
         except Exception as e:  # noqa: BLE001 - the page still shows the forms
             listed, error = [], f"cannot reach the Ray dashboard at {cfg.ray_dashboard}: {e}"
         return page(request, "launch.html", jobs=listed, error=error, spaces=launch.sweep_files(cfg),
-                    strategies=strategies.names(), link=lambda j: f"{cfg.ray_dashboard.rstrip('/')}/#/jobs/{j}")
+                    strategies=strategies.names(), link=lambda job_id: launch.job_link(cfg, job_id))
 
     async def submit(make) -> Response:
         try:
@@ -243,7 +243,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
         trials = launch.read_trials(Path(meta["out"])) if meta.get(launch.TAG) == "sweep" else None
         logs = await asyncio.to_thread(jobs().logs, job_id)
         return page(request, "job.html", job=info, meta=meta, trials=trials, logs=logs[-20000:],
-                    link=jobs().link(job_id), stream=meta.get("stream"))
+                    link=launch.job_link(cfg, job_id), stream=meta.get("stream"))
 
     @api.post("/jobs/{job_id}/stop")
     async def job_stop(request: Request, job_id: str) -> Response:
@@ -287,7 +287,6 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
     async def css() -> Response:
         return Response((Path(__file__).parent / "templates" / "console.css").read_text(), media_type="text/css")
 
-    api.state.sessions = sessions
     return api
 
 

@@ -94,6 +94,11 @@ def sweep_files(cfg: ConsoleConfig) -> list[str]:
     return sorted(p.name for p in cfg.tune_spaces.glob("*.yaml"))
 
 
+def job_link(cfg: ConsoleConfig, job_id: str) -> str:
+    """A job's page in the Ray dashboard."""
+    return f"{cfg.ray_dashboard.rstrip('/')}/#/jobs/{job_id}"
+
+
 def entrypoint(cfg: ConsoleConfig, launch: Launch) -> str:
     """The shell command the Ray job runs: this Python, in the repository, with the job module."""
     command = [sys.executable, "-m", f"jobs.{launch.kind}", *launch.args]
@@ -130,7 +135,3 @@ class Jobs:
 
     def stop(self, job_id: str) -> bool:
         return self.client.stop_job(check_name(job_id, "job id"))
-
-    def link(self, job_id: str) -> str:
-        """The job's page in the Ray dashboard."""
-        return f"{self.cfg.ray_dashboard.rstrip('/')}/#/jobs/{job_id}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from strata.config import check_name
 from strata.eval.metrics import METRIC_KEYS
-from strata.tracking import read_scalars
+from strata.tracking import MLFLOW_FILE, read_scalars
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,10 @@ class StreamDir:
 
     def root(self, runs: Path) -> Path:
         """The stream's output directory (names validated: they come from URLs)."""
-        return runs / check_name(self.out, "run directory") 
+        return runs / check_name(self.out, "run directory")
 
     def coordinator(self, runs: Path) -> Path:
+        """The coordinator's state file of this stream."""
         return self.root(runs) / "coordinator" / check_name(self.stream, "stream name") / "coordinator.json"
 
 
@@ -54,4 +55,16 @@ def strategy_view(out: Path, timeline: list[dict]) -> dict:
     return {"timeline": rows, "tasks": tasks, "matrix": matrix,
             "metrics": {k: metrics[k] for k in METRIC_KEYS if metrics.get(k) is not None},
             "baselines": metrics.get("baselines", {}), "curves": read_scalars(out / "tensorboard"),
-            "running": any(r["status"] in ("arrived", "training", "evaluated") for r in rows)}
+            "running": any(r["status"] in ("arrived", "training", "evaluated") for r in rows),
+            "mlflow": mlflow_link(out)}
+
+
+def mlflow_link(out: Path) -> dict | None:
+    """Where the strategy's MLflow run is: a URL for a tracking server, else the store and run id."""
+    path = out / MLFLOW_FILE
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    url = f"{run['uri'].rstrip('/')}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}" \
+        if run["uri"].startswith(("http://", "https://")) else None
+    return {**run, "url": url}

@@ -15,6 +15,7 @@ from rich.table import Table
 from strata.atomic import write_text
 from strata.eval.metrics import Matrix, to_array
 from strata.eval.plots import plot_accuracy_matrix
+from strata.tracking import mlflow_tracker
 
 MISSING = "—"
 
@@ -102,4 +103,6 @@ def save_results(out: Path, name: str, R: np.ndarray, tasks: list[str], metrics:
     metrics = {"strategy": name, "tasks": tasks, "accuracy_matrix": matrix, **metrics}
     write_text(Path(out) / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     plot_accuracy_matrix(R, tasks, Path(out) / "accuracy_matrix.png", title=f"{name}: accuracy (%)")
+    if tracker := mlflow_tracker(Path(out)):
+        tracker.log_results(Path(out))
     return metrics
