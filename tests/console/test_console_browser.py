@@ -73,7 +73,7 @@ def site(tmp_path_factory, backbone_dir):
         for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
             options.add_argument(flag)
         browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
-        browser.implicitly_wait(0)
+        browser.implicitly_wait(5)  # an element of a page still loading is waited for
         yield Site(browser, live.url, cfg, files, serve_port)
         browser.quit()
         live.stop()
@@ -108,9 +108,15 @@ class Site:
         Select(box).select_by_value(value)
 
     def click(self, css: str, confirm: bool = False) -> None:
+        """Click a link or a form's button (accepting its confirmation), and wait for the next page."""
+        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        page = self.b.find_element("tag name", "html")
         self.b.find_element("css selector", css).click()
         if confirm:
             self.b.switch_to.alert.accept()
+        WebDriverWait(self.b, 120).until(staleness_of(page))
 
     def until(self, check, timeout: float = 240, every: float = 1.0, reload: bool = True):
         """Poll (reloading the page) until `check()` is truthy; its value."""
@@ -123,7 +129,7 @@ class Site:
         return value
 
     def sign_in(self, token: str) -> None:
-        self.open("/streams")
+        self.open("/signin")
         self.fill("form", token=token)
         self.click("#signin")
 
@@ -164,6 +170,8 @@ class Site:
 
 def test_the_users_path_from_sign_in_to_two_serving_replicas(site: Site):
     # 1. Open the console and sign in.
+    site.open("/")
+    assert "/signin" in site.b.current_url  # sent to sign in first
     site.sign_in(TOKEN)
     assert site.b.current_url.endswith("/streams") and "Streams" in site.text("h1")
     # 2. Launch two small arrivals.
@@ -237,3 +245,14 @@ def test_a_refused_sweep_leaves_the_job_list_unchanged_and_a_running_job_stops(s
     site.open(f"/jobs/{job}")
     site.click("#stop", confirm=True)
     assert site.job_ends(job, timeout=90) == "STOPPED"
+
+
+def test_serving_scales_back_to_one_replica_from_the_page(site: Site):
+    site.sign_in(TOKEN)
+    site.open("/serving")
+    site.fill("form[action='/serving/scale']", replicas="1")
+    site.click("#scale", confirm=True)
+    assert "scaled to 1 replicas" in site.text("#message")
+    site.until(lambda: "1 RUNNING" in site.text("#states") and "STOPPING" not in site.text("#states"), timeout=120,
+               every=2)
+    assert site.chat_model() == "default/seqlora@v2"  # still answering
