@@ -126,3 +126,19 @@ def test_a_launch_with_bad_input_is_refused_with_its_reason_before_any_job(site)
     assert reply.status == 400 and "no sweep file" in reply.text
     reply = user.post("/launch/sweep", {"csrf": csrf, "space": "../Makefile", "out": "tune"})
     assert reply.status == 400
+
+
+def test_expired_sessions_are_refused_and_forgotten() -> None:
+    from strata.console.auth import Sessions
+
+    sessions = Sessions("t")
+    assert sessions.sign_in("wrong") is None
+    old = sessions.sign_in("t")
+    sessions.open[old] = 0.0  # expired
+    assert not sessions.valid(old) and old not in sessions.open
+    stale = [sessions.sign_in("t") for _ in range(1000)]
+    for sid in stale:
+        sessions.open[sid] = 0.0
+    fresh = sessions.sign_in("t")
+    assert list(sessions.open) == [fresh] and sessions.csrf_ok(fresh, sessions.csrf(fresh))
+    assert not sessions.csrf_ok(fresh, sessions.csrf(stale[0]))

@@ -28,8 +28,11 @@ class Sessions:
         """A new session id when the token is right (or none is configured); None otherwise."""
         if self.token is not None and not hmac.compare_digest((token or "").encode(), self.token.encode()):
             return None
+        now = time.time()
+        if len(self.open) >= 1000:  # cookie-less clients each start a session: forget the expired ones
+            self.open = {k: expiry for k, expiry in self.open.items() if expiry > now}
         sid = secrets.token_urlsafe(24)
-        self.open[sid] = time.time() + SESSION_S
+        self.open[sid] = now + SESSION_S
         return sid
 
     def valid(self, sid: str | None) -> bool:
