@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -47,7 +46,7 @@ import pyarrow as pa
 import torch
 import transformers
 from family_models import CONFIGS, save_checkpoint
-from train_cost import Variant, current_rss, peak_rss, tensor_timeline_peak, time_variants, train_step
+from train_cost import Variant, current_rss, in_fresh_process, peak_rss, tensor_timeline_peak, time_variants, train_step
 
 from strata.adapters.lora import add_adapter
 from strata.atomic import write_text
@@ -173,19 +172,7 @@ def memory_probe(name: str, config: transformers.PretrainedConfig, batches: list
 
 def run_probe(name: str, config: transformers.PretrainedConfig, batches: list[Batch], threads: int) -> dict:
     """memory_probe in a fresh process forked from a forkserver that has the heavy imports loaded."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "peft", "strata.adapters.lora", "strata.data.collate"])
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=memory_probe, args=(name, config, batches, threads, send))
-    proc.start()
-    send.close()
-    try:
-        result = recv.recv()
-    except EOFError:
-        proc.join()
-        raise RuntimeError(f"memory probe for {name} died (exit code {proc.exitcode})") from None
-    proc.join()
-    return result
+    return in_fresh_process(name, memory_probe, (name, config, batches, threads))
 
 
 @torch.no_grad()

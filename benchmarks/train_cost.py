@@ -297,13 +297,18 @@ def memory_probe(name: str, args: argparse.Namespace, batches: list[Batch], conn
 
 def run_probe(name: str, args: argparse.Namespace, batches: list[Batch]) -> dict:
     """Run memory_probe for one variant in a fresh process forked from a forkserver."""
+    return in_fresh_process(name, memory_probe, (name, args, batches))
+
+
+def in_fresh_process(name: str, target, args: tuple) -> dict:
+    """`target(*args, conn)` in a fresh process forked from a forkserver; what it sends on `conn`."""
     ctx = mp.get_context("forkserver")
     # Python < 3.13 never preloads __main__ into the server, so name the heavy imports, or
     # every probe re-imports torch and transformers (~7 s each on 2 busy cores).
     ctx.set_forkserver_preload(["torch", "transformers", "peft", "strata.adapters.lora",
                                 "strata.backbone.tiny", "strata.data.collate"])
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=memory_probe, args=(name, args, batches, send))
+    proc = ctx.Process(target=target, args=(*args, send))
     proc.start()
     send.close()
     try:

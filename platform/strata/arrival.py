@@ -37,7 +37,7 @@ from strata.hooks import Strategy, TaskContext, record
 from strata.registry import BackboneInfo, Ref, Registry, backbone_info
 from strata.routing import Routed
 from strata.strategies import make_strategy
-from strata.tracking import mlflow_tracker, write_curve
+from strata.tracking import MlflowTracker, mlflow_tracker, write_curve
 from strata.train.driver import TaskJob, TrainSession, fit_local, fit_task
 
 
@@ -69,6 +69,11 @@ class StrategyStream:
         """The backbone's identity and module shapes, for the registry's checks."""
         model, _ = shared_backbone(self.cfg.backbone, self.backbone_path)
         return backbone_info(self.cfg.backbone.source, self.backbone_path, model)
+
+    @cached_property
+    def tracker(self) -> MlflowTracker | None:
+        """The stream's MLflow run (found or created once per job), or None without a tracking URI."""
+        return mlflow_tracker(self.out, asdict(self.cfg))
 
     def registry_adapter(self, task: str) -> str:
         """The versioned adapter a task adds to: its own for a per-task strategy, else the strategy's."""
@@ -144,8 +149,8 @@ def learn_task(s: StrategyStream, task: str, train_paths: dict[str, str], tests:
         accuracy = {t: r.accuracy for t, r in results.items()}
         s.coord.set_status(s.name, task, s.owner, "evaluated", accuracy=accuracy, val_accuracy=val,
                            gate=verdict.record(), candidate=str(ref))
-        if tracker := mlflow_tracker(s.out):
-            tracker.log_task(ctx.index, accuracy, verdict.record())
+        if s.tracker:
+            s.tracker.log_task(ctx.index, accuracy, verdict.record())
         metrics = {"training": trained, "val_accuracy": val, "test_accuracy": accuracy}
         if verdict.passed or s.cfg.gate.mode == "report":
             promote(s, ctx, ref, verdict, metrics)
@@ -210,8 +215,8 @@ def train(s: StrategyStream, ctx: TaskContext, run_id: str, val: pa.Table) -> di
     else:
         trained = fit_task(job, checkpoint_storage(s.cfg), f"{s.name}-{ctx.index:02d}-{ctx.name}-{run_id}")
     write_curve(s.out / "tensorboard", ctx.name, trained.get("curve", []))
-    if tracker := mlflow_tracker(s.out, asdict(s.cfg)):
-        tracker.log_curve(ctx.name, trained.get("curve", []))
+    if s.tracker:
+        s.tracker.log_curve(ctx.name, trained.get("curve", []))
     return {k: v for k, v in trained.items() if isinstance(v, (int, float, str))}
 
 

@@ -33,7 +33,8 @@ def site(tmp_path_factory, test_spec, backbone_dir):
     write_curve(tmp / "runs" / "q1" / "decoupled" / "tensorboard", "colour", [[1, 2.0, None], [2, 0.5, 0.4]])
     (tmp / "data").mkdir()
     cfg = ConsoleConfig(runs=tmp / "runs", registry=reg.uri, data_roots=(tmp / "data",), token=TOKEN,
-                        tune_spaces=Path(__file__).parents[2] / "tune_spaces", ray_dashboard="http://127.0.0.1:9")
+                        tune_spaces=Path(__file__).parents[2] / "tune_spaces", ray_dashboard="http://127.0.0.1:9",
+                        serve_url="http://127.0.0.1:9")  # nothing listens on port 9: no Ray, no serving
     live = LiveConsole(create_app(cfg))
     yield live, reg, tmp
     live.stop()
@@ -142,3 +143,20 @@ def test_expired_sessions_are_refused_and_forgotten() -> None:
     fresh = sessions.sign_in("t")
     assert list(sessions.open) == [fresh] and sessions.csrf_ok(fresh, sessions.csrf(fresh))
     assert not sessions.csrf_ok(fresh, sessions.csrf(stale[0]))
+
+
+def test_without_ray_or_serving_the_pages_say_so_and_actions_are_refused_with_the_reason(site):
+    live, _, _ = site
+    user = live.browser()
+    user.sign_in(TOKEN)
+    page = user.get("/serving")
+    assert page.status == 200 and "no serving at http://127.0.0.1:9" in page.text
+    assert "cannot reach the Ray dashboard" in user.get("/launch").text  # the forms are still there
+    csrf = user.csrf("/serving")
+    for replicas, status, reason in (("abc", 400, "invalid literal"), ("0", 400, "between 1 and 64"),
+                                     ("2", 409, "cannot read Serve&#39;s state")):
+        reply = user.post("/serving/scale", {"csrf": csrf, "replicas": replicas})
+        assert reply.status == status and "not scaled" in reply.text and reason in reply.text, reply.text[-800:]
+    reply = user.get("/jobs/raysubmit_nosuch")
+    assert reply.status == 503 and "cannot reach the Ray dashboard at http://127.0.0.1:9" in reply.text, reply.text[-800:]
+

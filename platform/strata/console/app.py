@@ -235,6 +235,8 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
             return jobs().get(job_id)
         except (ValueError, RuntimeError) as e:
             raise Refused(404, f"no job {job_id!r}: {e}") from e
+        except ConnectionError as e:
+            raise Refused(503, f"cannot reach the Ray dashboard at {cfg.ray_dashboard}: {e}") from e
 
     @api.get("/jobs/{job_id}", response_class=HTMLResponse)
     async def job_page(request: Request, job_id: str) -> HTMLResponse:

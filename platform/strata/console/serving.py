@@ -48,8 +48,11 @@ def scale(cfg: ConsoleConfig, replicas: int) -> None:
     """Set the adapter servers' replica count of the running application, in place."""
     if not 1 <= replicas <= 64:
         raise ValueError(f"replicas must be between 1 and 64, got {replicas}")
-    client = _serve_client(cfg)
-    details = client.get_serve_details()
+    try:
+        client = _serve_client(cfg)
+        details = client.get_serve_details()
+    except Exception as e:  # whatever the SDK raises, nothing was changed
+        raise RuntimeError(f"cannot read Serve's state from the Ray dashboard at {cfg.ray_dashboard}: {e}") from e
     configs = {name: app.get("deployed_app_config") for name, app in (details.get("applications") or {}).items()}
     if cfg.serve_app not in configs:
         raise RuntimeError(f"no Serve application {cfg.serve_app!r} on {cfg.ray_dashboard}")

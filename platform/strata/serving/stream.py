@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class Detokenizer:
         return final_text[len(self.sent):] if final_text.startswith(self.sent) else ""
 
 
+@functools.cache
 def _byte_alphabet() -> dict[str, int]:
     """Byte-level BPE's printable stand-in for each byte (GPT-2's table), mapped back to the byte."""
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
