@@ -15,8 +15,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 # The longest files, started first so that `make test`'s two workers end together (longest first).
-LONGEST_FIRST = ("test_readme.py", "test_cluster_workflows.py", "test_fault_tolerance.py", "test_parity.py",
-                 "test_serve_app.py", "test_continual_quality_bench.py")
+LONGEST_FIRST = ("test_readme.py", "test_cluster_workflows.py", "test_console_browser.py", "test_fault_tolerance.py",
+                 "test_parity.py", "test_serve_app.py", "test_continual_quality_bench.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

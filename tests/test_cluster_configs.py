@@ -100,7 +100,8 @@ def test_serve_configs_import_the_app_and_their_args_parse(source: str) -> None:
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"]) if doc.get("kind") == "RayService" else doc
     # What `serve deploy` (and KubeRay) check first: e.g. a local working_dir is refused there.
     ServeDeploySchema.model_validate(serve_config)
-    (application,) = serve_config["applications"]
+    application, *rest = serve_config["applications"]
+    assert [a["name"] for a in rest] in ([], ["console"])
     module, attr = application["import_path"].split(":")
     app_module = importlib.import_module(module)
     assert callable(getattr(app_module, attr))
@@ -108,6 +109,16 @@ def test_serve_configs_import_the_app_and_their_args_parse(source: str) -> None:
     assert {d["name"] for d in application["deployments"]} <= {"AdapterServer", "Ingress"}
     with pytest.raises(ValueError, match="unknown serve arg"):
         app_module.ServeConfig.from_args({**application["args"], "capacty": 3})
+    for console in rest:  # the web console beside it, under its own route prefix
+        from serve_apps.console_app import app as console_app
+
+        from strata.console.config import ConsoleConfig
+
+        assert console["import_path"] == "serve_apps.console_app:app" and console["route_prefix"] == "/console"
+        assert console["args"]["registry"] == application["args"]["registry"]  # it promotes what is served
+        console_app(console["args"])
+        with pytest.raises(ValueError, match="unknown console arg"):
+            ConsoleConfig.from_args({**console["args"], "data_root": ["data"]})
 
 
 def test_the_runtime_env_example_is_a_valid_runtime_env() -> None:

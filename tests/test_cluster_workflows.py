@@ -171,6 +171,7 @@ def test_a_tune_sweep_job_stops_the_known_bad_trial_early_and_writes_the_best_co
     from ray.util.state import list_jobs
 
     from strata.cli import build_run_config
+    from strata.trial_states import read_states
     from strata.tune import load_sweep, run_config
 
     env, address = head_node
@@ -187,6 +188,9 @@ def test_a_tune_sweep_job_stops_the_known_bad_trial_early_and_writes_the_best_co
     assert all(len(t["history"]) == t["tasks_done"] for t in trials.values())  # FAA reported after every task
     assert max(t["tasks_done"] for t in trials.values()) == sweep.tasks  # the good ones learned the whole stream
     assert (tmp_path / "smoke" / "sweep.png").stat().st_size > 0
+    # The states the console shows, from the sweep's callback, agree with Tune's results.
+    states = {t["config"]["train.lr"]: t["state"] for t in read_states(tmp_path / "smoke")["trials"]}
+    assert states == {lr: "stopped early" if t["stopped_early"] else "finished" for lr, t in trials.items()}, states
 
     # best.yaml is a config `strata run --config` accepts: the winning trial's, trained on Ray Train.
     best = summary["best"]["params"]
@@ -215,7 +219,8 @@ def write_serve_config(path: Path, args: dict, port: int, replicas: int) -> None
     """serve_apps/config.yaml with the app args overridden, loopback on `port` and `replicas` AdapterServers."""
     config = yaml.safe_load((REPO / "serve_apps" / "config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}  # tests send traffic to loopback only
-    (app,) = config["applications"]
+    app = config["applications"][0]
+    config["applications"] = [app]  # the serving app alone: the console has its own tests (tests/console)
     app["args"].update(args)
     for deployment in app["deployments"]:
         if deployment["name"] == "AdapterServer":

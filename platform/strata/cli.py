@@ -511,6 +511,7 @@ def console_command(
     token: str | None = typer.Option(None, envvar="STRATA_CONSOLE_TOKEN", help="Require sign-in with this token."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8080, help="HTTP port."),
+    root_path: str = typer.Option("", help="The path a reverse proxy serves the console under (it strips it)."),
 ) -> None:
     """The web console: streams, registry (promote, roll back), launches as Ray jobs, serving (Ctrl-C stops it)."""
     import os
@@ -530,5 +531,6 @@ def console_command(
         console.print("[yellow]warning:[/] no token, and listening beyond loopback: anyone who reaches "
                       f"{host}:{port} can promote versions and launch jobs (set --token)")
     console.print(f"console at http://{host}:{port}/ (Ctrl-C stops)")
-    uvicorn.run(create_app(cfg, os.environ.get("STRATA_SERVE_TOKEN")), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(cfg, os.environ.get("STRATA_SERVE_TOKEN")), host=host, port=port, log_level="warning",
+                root_path=root_path.rstrip("/"))
 

@@ -157,6 +157,7 @@ def sweep_run(sweep: SweepConfig, console: Console | None = None):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from strata.train.driver import init_ray
+    from strata.trial_states import TrialStates
 
     console = console or Console()
     init_ray()
@@ -174,7 +175,8 @@ def sweep_run(sweep: SweepConfig, console: Console | None = None):
                                     num_samples=sweep.num_samples,
                                     max_concurrent_trials=sweep.max_concurrent_trials),
         run_config=tune.RunConfig(name=sweep.name, storage_path=str(Path(sweep.out).resolve()),
-                                  callbacks=mlflow_callbacks(sweep.name)),
+                                  callbacks=[TrialStates(Path(sweep.out).resolve() / sweep.name, cfg.tasks),
+                                             *mlflow_callbacks(sweep.name)]),
     )
     grid = tuner.fit()
     summarize_sweep(sweep, grid, cfg.tasks, console)

@@ -3,11 +3,14 @@ promote / roll back / diff, and launches refused before any job exists. Ray jobs
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from console_client import LiveConsole
 from lora_helper import served_registry
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from strata.console.app import create_app
 from strata.console.config import ConsoleConfig
@@ -129,20 +132,24 @@ def test_a_launch_with_bad_input_is_refused_with_its_reason_before_any_job(site)
     assert reply.status == 400
 
 
-def test_expired_sessions_are_refused_and_forgotten() -> None:
-    from strata.console.auth import Sessions
+def test_sessions_are_signed_survive_a_restart_and_expire(monkeypatch) -> None:
+    from strata.console import auth
 
-    sessions = Sessions("t")
+    sessions = auth.Sessions("t")
     assert sessions.sign_in("wrong") is None
-    old = sessions.sign_in("t")
-    sessions.open[old] = 0.0  # expired
-    assert not sessions.valid(old) and old not in sessions.open
-    stale = [sessions.sign_in("t") for _ in range(1000)]
-    for sid in stale:
-        sessions.open[sid] = 0.0
-    fresh = sessions.sign_in("t")
-    assert list(sessions.open) == [fresh] and sessions.csrf_ok(fresh, sessions.csrf(fresh))
-    assert not sessions.csrf_ok(fresh, sessions.csrf(stale[0]))
+    sid = sessions.sign_in("t")
+    restarted, other = auth.Sessions("t"), auth.Sessions("another token")
+    assert restarted.valid(sid) and restarted.csrf_ok(sid, sessions.csrf(sid))  # same token: still signed in
+    assert not other.valid(sid) and not other.csrf_ok(sid, sessions.csrf(sid))  # a new token signs everyone out
+    expiry, nonce, mac = sid.split(".")
+    for forged in (f"{int(expiry) + 1}.{nonce}.{mac}", f"{expiry}.x{nonce}.{mac}", "", "a.b", "1.2.3"):
+        assert not sessions.valid(forged), forged
+    second = sessions.sign_in("t")
+    assert not sessions.csrf_ok(second, sessions.csrf(sid))  # a CSRF token is its own session's only
+    sessions.sign_out(sid)
+    assert not sessions.valid(sid) and sessions.valid(second)
+    monkeypatch.setattr(auth.time, "time", lambda: int(expiry) + 1)
+    assert not sessions.valid(second)  # expired
 
 
 def test_without_ray_or_serving_the_pages_say_so_and_actions_are_refused_with_the_reason(site):
@@ -160,3 +167,42 @@ def test_without_ray_or_serving_the_pages_say_so_and_actions_are_refused_with_th
     reply = user.get("/jobs/raysubmit_nosuch")
     assert reply.status == 503 and "cannot reach the Ray dashboard at http://127.0.0.1:9" in reply.text, reply.text[-800:]
 
+
+
+def test_under_a_path_prefix_every_link_redirect_and_cookie_carries_it(site):
+    _, reg, tmp = site
+    cfg = ConsoleConfig(runs=tmp / "runs", registry=reg.uri, data_roots=(tmp / "data",), token=TOKEN,
+                        ray_dashboard="http://127.0.0.1:9", serve_url="http://127.0.0.1:9")
+    # Mounted under /console, as Serve's route prefix (or a proxy with `strata console --root-path`) does.
+    live = LiveConsole(Starlette(routes=[Mount("/console", app=create_app(cfg))]))
+    try:
+        user = live.browser()
+        user.base += "/console"
+        assert user.get("/registry").headers["location"] == "/console/signin?next=/registry"
+        signed = user.sign_in(TOKEN)
+        assert signed.headers["location"] == "/console/streams" and "Path=/console" in signed.headers["set-cookie"]
+        page = user.get("/registry/default/seqlora")
+        links = re.findall(r'(?:href|action|data-src)="(/[^"]*)"', page.text)
+        assert links and all(link.startswith("/console/") for link in links), links
+        before = reg.production("default", "seqlora")
+        other = 3 - before  # v1 or v2
+        reply = user.post("/registry/default/seqlora/promote", {"csrf": user.csrf("/registry"), "version": str(other)})
+        assert reply.status == 303 and reply.headers["location"].startswith("/console/registry/default/seqlora?done=")
+        assert reg.production("default", "seqlora") == other
+        reply = user.post("/registry/default/seqlora/rollback", {"csrf": user.csrf("/registry")})
+        assert reply.status == 303 and reg.production("default", "seqlora") == before
+    finally:
+        live.stop()
+
+
+def test_the_serve_console_without_a_token_is_locked_but_answers_probes() -> None:
+    from serve_apps.console_app import LOCKED, locked
+
+    live = LiveConsole(locked())
+    try:
+        anonymous = live.browser()
+        assert anonymous.get("/health").status == 200 and anonymous.get("/ready").status == 200
+        for reply in (anonymous.get("/streams"), anonymous.post("/serving/scale", {"replicas": "2"})):
+            assert reply.status == 503 and LOCKED in reply.text
+    finally:
+        live.stop()

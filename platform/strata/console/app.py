@@ -54,26 +54,29 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
     def page(request: Request, name: str, status: int = 200, **context) -> HTMLResponse:
         sid = request.state.sid
         html = pages.get_template(name).render(csrf=sessions.csrf(sid) if sid else "", signed=cfg.token is not None,
-                                               path=request.url.path, cfg=cfg, **context)
+                                               path=route(request), root=root(request), cfg=cfg, **context)
         return HTMLResponse(html, status_code=status)
+
+    def signed_in_as(response: Response, request: Request, sid: str) -> Response:
+        response.set_cookie(COOKIE, sid, max_age=SESSION_S, path=root(request) or "/", httponly=True,
+                            samesite="strict")
+        return response
 
     @api.middleware("http")
     async def signed_in(request: Request, call_next) -> Response:
         sid = request.cookies.get(COOKIE)
         request.state.sid, fresh = (sid if sessions.valid(sid) else None), None
-        if request.state.sid is None and request.url.path not in OPEN:
+        if request.state.sid is None and route(request) not in OPEN:
             if sessions.bearer(request.headers.get("authorization")):
                 request.state.bearer = True
             elif cfg.token is None:  # nothing to sign in with: a session only to carry the CSRF token
                 request.state.sid = fresh = sessions.sign_in(None)
             elif request.method == "GET" and "text/html" in request.headers.get("accept", ""):
-                return RedirectResponse(f"/signin?next={quote(request.url.path)}", status_code=303)
+                return go(request, f"/signin?next={quote(route(request))}")
             else:
                 return JSONResponse({"error": "sign in first: missing or wrong session or token"}, status_code=401)
         response = await call_next(request)
-        if fresh:
-            response.set_cookie(COOKIE, fresh, max_age=SESSION_S, httponly=True, samesite="strict")
-        return response
+        return signed_in_as(response, request, fresh) if fresh else response
 
     async def posted(request: Request) -> dict:
         """The form of a POST whose CSRF token belongs to its session (a bearer caller needs none)."""
@@ -103,21 +106,19 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
         sid = sessions.sign_in(form.get("token"))
         if sid is None:
             return page(request, "signin.html", status=401, next=target, error="wrong token")
-        response = RedirectResponse(target if target.startswith("/") else "/streams", status_code=303)
-        response.set_cookie(COOKIE, sid, max_age=SESSION_S, httponly=True, samesite="strict")
-        return response
+        return signed_in_as(go(request, target if target.startswith("/") else "/streams"), request, sid)
 
     @api.post("/signout")
     async def signout(request: Request) -> Response:
         await posted(request)
         sessions.sign_out(request.state.sid)
-        response = RedirectResponse("/signin", status_code=303)
-        response.delete_cookie(COOKIE)
+        response = go(request, "/signin")
+        response.delete_cookie(COOKIE, path=root(request) or "/")
         return response
 
     @api.get("/")
-    async def home() -> Response:
-        return RedirectResponse("/streams", status_code=303)
+    async def home(request: Request) -> Response:
+        return go(request, "/streams")
 
     # ---- streams ----------------------------------------------------------------------------
     @api.get("/streams", response_class=HTMLResponse)
@@ -183,7 +184,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
                                   force=form.get("force") == "on", by="the console")
         except (RegistryError, ValueError) as e:
             raise Refused(400, str(e)) from e
-        return RedirectResponse(f"/registry/{stream}/{adapter}?done=promoted+v{ref.version}", status_code=303)
+        return go(request, f"/registry/{stream}/{adapter}?done=promoted+v{ref.version}")
 
     @api.post("/registry/{stream}/{adapter}/rollback")
     async def rollback(request: Request, stream: str, adapter: str) -> Response:
@@ -194,8 +195,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
             before, ref = rollback_version(registry(), f"{stream}/{adapter}", stream, int(to) if to else None)
         except (RegistryError, ValueError) as e:
             raise Refused(400, str(e)) from e
-        return RedirectResponse(f"/registry/{stream}/{adapter}?done=rolled+back+v{before}+to+v{ref.version}",
-                                status_code=303)
+        return go(request, f"/registry/{stream}/{adapter}?done=rolled+back+v{before}+to+v{ref.version}")
 
     # ---- launch and jobs --------------------------------------------------------------------
     @api.get("/launch", response_class=HTMLResponse)
@@ -207,7 +207,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
         return page(request, "launch.html", jobs=listed, error=error, spaces=launch.sweep_files(cfg),
                     strategies=strategies.names(), link=lambda job_id: launch.job_link(cfg, job_id))
 
-    async def submit(make) -> Response:
+    async def submit(request: Request, make) -> Response:
         try:
             checked_launch = make()
         except (ValueError, FileNotFoundError) as e:
@@ -216,19 +216,19 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
             job_id = await asyncio.to_thread(jobs().submit, checked_launch)
         except (RuntimeError, ConnectionError) as e:  # the job API's refusal, e.g. its agent is not up yet
             raise Refused(503, f"the Ray cluster at {cfg.ray_dashboard} did not take the job: {e}") from e
-        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+        return go(request, f"/jobs/{job_id}")
 
     @api.post("/launch/arrival")
     async def launch_arrival(request: Request) -> Response:
         f = await posted(request)
-        return await submit(lambda: launch.arrival(cfg, f.get("out", ""), f.get("stream", ""), f.get("task", ""),
+        return await submit(request, lambda: launch.arrival(cfg, f.get("out", ""), f.get("stream", ""), f.get("task", ""),
                                                    f.get("dataset", ""), f.get("strategy", ""), f.get("steps", ""),
                                                    f.get("gate", "enforce")))
 
     @api.post("/launch/sweep")
     async def launch_sweep(request: Request) -> Response:
         f = await posted(request)
-        return await submit(lambda: launch.sweep(cfg, f.get("space", ""), f.get("out", "")))
+        return await submit(request, lambda: launch.sweep(cfg, f.get("space", ""), f.get("out", "")))
 
     def job_info(job_id: str):
         try:
@@ -252,7 +252,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
         await posted(request)
         await asyncio.to_thread(job_info, job_id)
         await asyncio.to_thread(jobs().stop, job_id)
-        return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+        return go(request, f"/jobs/{job_id}")
 
     @api.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
     async def job_logs(job_id: str) -> str:
@@ -283,13 +283,29 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
             raise Refused(400, f"not scaled: {e}") from e
         except RuntimeError as e:
             raise Refused(409, f"not scaled: {e}") from e
-        return RedirectResponse(f"/serving?done=scaled+to+{replicas}+replicas", status_code=303)
+        return go(request, f"/serving?done=scaled+to+{replicas}+replicas")
 
     @api.get("/static/console.css")
     async def css() -> Response:
         return Response((Path(__file__).parent / "templates" / "console.css").read_text(), media_type="text/css")
 
     return api
+
+
+def root(request: Request) -> str:
+    """Where the console is mounted: "" on its own server, the route prefix on Serve (or uvicorn --root-path)."""
+    return request.scope.get("root_path", "").rstrip("/")
+
+
+def route(request: Request) -> str:
+    """The request's path below the mount point, as the routes name it."""
+    path, mount = request.scope["path"], root(request)
+    return (path[len(mount):] or "/") if mount and path.startswith(mount) else path
+
+
+def go(request: Request, target: str) -> RedirectResponse:
+    """A 303 to one of the console's own pages, under its mount point."""
+    return RedirectResponse(root(request) + target, status_code=303)
 
 
 async def form_of(request: Request) -> dict[str, str]:

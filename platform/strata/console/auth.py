@@ -1,8 +1,10 @@
 """Sign-in and CSRF for the console: a token once, then a session cookie; every POST carries its CSRF token.
 
-A session is a random id the server remembers (in memory: a restarted console signs everyone out).
-Its CSRF token is an HMAC of the id under a per-process secret, so a page can embed it and a POST
-from another site, which cannot read the page, cannot forge it.
+A session is signed, not stored: its cookie holds an expiry and a random nonce, with an HMAC over
+both under a key derived from the token. So a restarted console, or another replica of it on Serve,
+keeps everyone signed in, and a new token signs everyone out. A POST's CSRF token is another HMAC,
+of the session, which a page embeds and another site, unable to read the page, cannot forge.
+Signing out forgets the session in this process only; the browser drops its cookie too.
 """
 
 from __future__ import annotations
@@ -17,31 +19,30 @@ SESSION_S = 12 * 3600
 
 
 class Sessions:
-    """The signed-in sessions of one console process."""
+    """Signs and checks the sessions of consoles that share one token."""
 
     def __init__(self, token: str | None) -> None:
         self.token = token
-        self.secret = secrets.token_bytes(32)
-        self.open: dict[str, float] = {}  # session id -> expiry
+        # No token: sessions only carry the CSRF token, and a per-process key is enough.
+        self.key = hmac.new(token.encode(), b"strata-console-session", hashlib.sha256).digest() if token \
+            else secrets.token_bytes(32)
+        self.signed_out: dict[str, float] = {}  # nonce -> expiry
+
+    def _mac(self, what: str) -> str:
+        return hmac.new(self.key, what.encode(), hashlib.sha256).hexdigest()
 
     def sign_in(self, token: str | None) -> str | None:
-        """A new session id when the token is right (or none is configured); None otherwise."""
+        """A new session when the token is right (or none is configured); None otherwise."""
         if self.token is not None and not hmac.compare_digest((token or "").encode(), self.token.encode()):
             return None
-        now = time.time()
-        if len(self.open) >= 1000:  # cookie-less clients each start a session: forget the expired ones
-            self.open = {k: expiry for k, expiry in self.open.items() if expiry > now}
-        sid = secrets.token_urlsafe(24)
-        self.open[sid] = now + SESSION_S
-        return sid
+        body = f"{int(time.time()) + SESSION_S}.{secrets.token_urlsafe(18)}"
+        return f"{body}.{self._mac(body)}"
 
     def valid(self, sid: str | None) -> bool:
-        """Whether a cookie's session id is signed in and not expired."""
-        expiry = self.open.get(sid or "")
-        if expiry is None or expiry < time.time():
-            self.open.pop(sid or "", None)
-            return False
-        return True
+        """Whether a cookie's session was signed with this key, has not expired, and was not signed out."""
+        expiry, nonce, mac = _parts(sid)
+        return bool(mac) and hmac.compare_digest(mac, self._mac(f"{expiry}.{nonce}")) \
+            and int(expiry) > time.time() and nonce not in self.signed_out
 
     def bearer(self, header: str | None) -> bool:
         """Whether an `Authorization: Bearer` header carries the token (scripts, without a session)."""
@@ -50,12 +51,24 @@ class Sessions:
 
     def csrf(self, sid: str) -> str:
         """The CSRF token the session's pages embed in every form."""
-        return hmac.new(self.secret, sid.encode(), hashlib.sha256).hexdigest()
+        return self._mac(f"csrf:{sid}")
 
     def csrf_ok(self, sid: str | None, sent: str | None) -> bool:
         """Whether a POST's CSRF token belongs to its session."""
         return bool(sid and sent) and hmac.compare_digest(self.csrf(sid), sent)
 
     def sign_out(self, sid: str | None) -> None:
-        """Forget a session."""
-        self.open.pop(sid or "", None)
+        """Refuse this session from now on (in this process)."""
+        expiry, nonce, mac = _parts(sid)
+        if mac:
+            now = time.time()
+            self.signed_out = {n: e for n, e in self.signed_out.items() if e > now}
+            self.signed_out[nonce] = int(expiry)
+
+
+def _parts(sid: str | None) -> tuple[str, str, str]:
+    """(expiry, nonce, mac) of a well-formed session cookie; empty strings otherwise."""
+    parts = (sid or "").split(".")
+    if len(parts) != 3 or not parts[0].isdigit():
+        return "", "", ""
+    return parts[0], parts[1], parts[2]

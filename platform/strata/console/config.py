@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -30,6 +30,19 @@ class ConsoleConfig:
             raise ValueError(f"console executor must be ray or local, got {self.executor!r}")
         if not self.data_roots:
             raise ValueError("the console needs at least one data root for launched arrivals")
+
+    @staticmethod
+    def from_args(args: dict) -> ConsoleConfig:
+        """Fill the config from a Serve application's args (unknown keys are an error)."""
+        known = {f.name for f in fields(ConsoleConfig)}
+        if unknown := set(args) - known:
+            raise ValueError(f"unknown console arg(s) {sorted(unknown)}; known: {sorted(known)}")
+        values = {k: Path(v) if k in ("runs", "tune_spaces", "repo") else v for k, v in args.items()}
+        if "data_roots" in values:
+            if not isinstance(values["data_roots"], list):
+                raise ValueError(f"console arg data_roots must be a list of directories, got {values['data_roots']!r}")
+            values["data_roots"] = tuple(Path(p) for p in values["data_roots"])
+        return ConsoleConfig(**values)
 
     def within_data_roots(self, path: str) -> Path:
         """The dataset path, resolved, if it lies under a data root; else a ValueError that says which roots."""

@@ -74,19 +74,14 @@ def sweep(cfg: ConsoleConfig, space: str, out: str) -> Launch:
 
 
 def read_trials(where: Path) -> dict:
-    """A sweep's trials as Tune writes them (params.json, result.json lines), and best.yaml once it ended."""
-    import json
-
+    """A sweep's trials (status, config, last report) while it runs, and best.yaml once it ended."""
     import yaml
 
-    trials = []
-    for params in sorted(where.glob("*/params.json")):
-        lines = (params.parent / "result.json").read_text().splitlines() if (params.parent / "result.json").is_file() else []
-        last = json.loads(lines[-1]) if lines else {}
-        trials.append({"trial": params.parent.name, "config": json.loads(params.read_text()),
-                       "tasks": last.get("tasks", 0), "metrics": {k: last.get(k) for k in ("faa", "bwt", "forgetting")}})
+    from strata.trial_states import read_states
+
     best = where / "best.yaml"
-    return {"trials": trials, "best": yaml.safe_load(best.read_text()) if best.is_file() else None}
+    return {**(read_states(where) or {"tasks": None, "trials": []}),
+            "best": yaml.safe_load(best.read_text()) if best.is_file() else None}
 
 
 def sweep_files(cfg: ConsoleConfig) -> list[str]:
