@@ -32,3 +32,21 @@ def test_bad_sweeps_are_refused_with_the_field_named(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=message):
             load_sweep(path)
 
+
+
+def test_a_launch_may_replace_the_sweeps_options_and_a_bad_one_is_named() -> None:
+    from strata.tune import option_flags, with_options
+
+    smoke = load_sweep(SPACES[[p.stem for p in SPACES].index("smoke")])
+    options = {"num_samples": "3", "scheduler": "fifo", "max_concurrent_trials": "", "cpus_per_trial": "0.5",
+               "gpus_per_trial": None}
+    changed = with_options(smoke, options)
+    assert (changed.num_samples, changed.scheduler, changed.cpus_per_trial) == (3, "fifo", 0.5)
+    assert changed.max_concurrent_trials == smoke.max_concurrent_trials  # empty: the file's
+    assert option_flags(options) == ["--num-samples", "3", "--scheduler", "fifo", "--cpus-per-trial", "0.5"]
+    for bad, message in [({"num_samples": "many"}, "num_samples must be a int"), ({"num_samples": "0"}, ">= 1"),
+                         ({"scheduler": "pbt"}, "scheduler must be one of"), ({"cpus_per_trial": "-1"}, ">= 0"),
+                         ({"max_concurrent_trials": "0"}, "max_concurrent_trials must be >= 1"),
+                         ({"samples": "2"}, "unknown sweep option 'samples'")]:
+        with pytest.raises(ValueError, match=message):
+            with_options(smoke, bad)

@@ -188,14 +188,21 @@ def evaluate(
 
 @app.command()
 def tune(space: Path = typer.Argument(..., help="A sweep YAML, e.g. tune_spaces/dgg.yaml."),
-         out: str | None = typer.Option(None, help="Where trials and the summary go (default: the YAML's out).")) -> None:
+         out: str | None = typer.Option(None, help="Where trials and the summary go (default: the YAML's out)."),
+         num_samples: int | None = typer.Option(None, help="Samples of the space (default: the YAML's)."),
+         scheduler: str | None = typer.Option(None, help="asha or fifo (default: the YAML's)."),
+         max_concurrent_trials: int | None = typer.Option(None, help="Trials at once (default: the YAML's)."),
+         cpus_per_trial: float | None = typer.Option(None, help="CPUs per trial (default: the YAML's)."),
+         gpus_per_trial: float | None = typer.Option(None, help="GPUs per trial (default: the YAML's).")) -> None:
     """Launch a Ray Tune sweep: each trial learns the stream and reports after every task."""
     import dataclasses
 
-    from strata.tune import load_sweep, sweep_run
+    from strata.tune import load_sweep, sweep_run, with_options
 
     try:
-        sweep = load_sweep(space)
+        sweep = with_options(load_sweep(space), {
+            "num_samples": num_samples, "scheduler": scheduler, "max_concurrent_trials": max_concurrent_trials,
+            "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial})
         if out is not None:
             sweep = dataclasses.replace(sweep, out=out)
         grid = sweep_run(sweep, console)

@@ -57,6 +57,9 @@ class SweepConfig:
             raise ValueError(f"sweep scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.grace_period < 1 or self.reduction_factor < 2 or self.num_samples < 1:
             raise ValueError("sweep grace_period and num_samples must be >= 1, reduction_factor >= 2")
+        if (self.max_concurrent_trials is not None and self.max_concurrent_trials < 1) \
+                or min(self.cpus_per_trial, self.gpus_per_trial) < 0:
+            raise ValueError("sweep max_concurrent_trials must be >= 1, cpus_per_trial and gpus_per_trial >= 0")
         for key, domain in self.space.items():
             if isinstance(domain, dict) and (len(domain) != 1 or next(iter(domain)) not in DOMAINS):
                 raise ValueError(f"space.{key} must be a constant or one of {{{'|'.join(DOMAINS)}: ...}}, "
@@ -84,6 +87,32 @@ def load_sweep(path: Path) -> SweepConfig:
     """Read and validate a sweep YAML."""
     raw = yaml.safe_load(Path(path).read_text()) or {}
     return from_dict(SweepConfig, raw, f"sweep {path}")
+
+
+# The sweep options a launch may override: `strata tune` flags, and the console's sweep form.
+OPTIONS = {"num_samples": int, "scheduler": str, "max_concurrent_trials": int, "cpus_per_trial": float,
+           "gpus_per_trial": float}
+
+
+def with_options(sweep: SweepConfig, options: dict[str, Any]) -> SweepConfig:
+    """The sweep with some options replaced (None or "" keeps the file's); a ValueError names a bad one."""
+    values = {}
+    for key, value in options.items():
+        if key not in OPTIONS:
+            raise ValueError(f"unknown sweep option {key!r}; known: {', '.join(OPTIONS)}")
+        if value is None or value == "":
+            continue
+        try:
+            values[key] = OPTIONS[key](value)
+        except ValueError:
+            raise ValueError(f"sweep option {key} must be a {OPTIONS[key].__name__}, got {value!r}") from None
+    return dataclasses.replace(sweep, **values)  # validated again, as a file would be
+
+
+def option_flags(options: dict[str, Any]) -> list[str]:
+    """The `strata tune` flags that set these options (None and "" left out)."""
+    return [arg for key, value in options.items() if value not in (None, "")
+            for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
 def set_dotted(raw: dict, key: str, value: Any) -> None:

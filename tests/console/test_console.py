@@ -130,6 +130,8 @@ def test_a_launch_with_bad_input_is_refused_with_its_reason_before_any_job(site)
     assert reply.status == 400 and "no sweep file" in reply.text
     reply = user.post("/launch/sweep", {"csrf": csrf, "space": "../Makefile", "out": "tune"})
     assert reply.status == 400
+    reply = user.post("/launch/sweep", {"csrf": csrf, "space": "smoke.yaml", "out": "tune", "num_samples": "0"})
+    assert reply.status == 400 and "num_samples must be &gt;= 1" in reply.text, reply.text[-600:]
 
 
 def test_sessions_are_signed_survive_a_restart_and_expire(monkeypatch) -> None:

@@ -40,10 +40,10 @@ SWEEP = {"name": "mini", "base": {"gate": {"mode": "report"}, "strategies": ["se
          "grace_period": 1, "reduction_factor": 2, "cpus_per_trial": 1, "max_concurrent_trials": 1}
 
 
-def sweep_file(tmp: Path, backbone_dir: Path, name: str) -> None:
+def sweep_file(tmp: Path, backbone_dir: Path, name: str, **options) -> None:
     """A 2-trial sweep over the learning rate; ASHA stops lr 0 (it learns nothing) after its first task."""
     base = {**SWEEP["base"], "backbone": {"source": str(backbone_dir)}}
-    (tmp / "spaces" / f"{name}.yaml").write_text(yaml.safe_dump({**SWEEP, "name": name, "base": base}))
+    (tmp / "spaces" / f"{name}.yaml").write_text(yaml.safe_dump({**SWEEP, "name": name, "base": base, **options}))
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def site(tmp_path_factory, backbone_dir, test_spec):
     dashboard, session = start_head(env, tempfile.mkdtemp(prefix="rayc-", dir="/tmp"))
     files = write_benchmark(tmp / "data", 0, ("colour", "shape"), 64, 8, 40)
     (tmp / "spaces").mkdir()
-    for name in ("mini", "asha"):
-        sweep_file(tmp, backbone_dir, name)
+    sweep_file(tmp, backbone_dir, "mini")
+    sweep_file(tmp, backbone_dir, "fifo", scheduler="fifo", max_concurrent_trials=2)
     reg = served_registry(tmp / "runs" / "stream", test_spec, backbone_dir)  # default/seqlora v1 (production), v2
     serve_port = free_port()
     cfg = ConsoleConfig(runs=tmp / "runs", registry=reg.uri, serve_url=f"http://127.0.0.1:{serve_port}",
@@ -290,9 +290,11 @@ def test_an_arrival_launched_from_the_page_trains_and_its_stream_shows_it(site: 
     assert float(cell.text) >= 0
 
 
-def test_a_sweep_shows_each_trials_state_live_and_its_best_config(site: Site):
+def test_a_sweep_with_options_from_the_form_shows_each_trials_state_live_and_its_best_config(site: Site):
     site.sign_in(TOKEN)
-    job = site.launch("#sweep-form", "#launch-sweep", space="asha.yaml", out="tune")
+    # The file says FIFO, two at once; the form asks for ASHA, one at a time, and ASHA then stops lr 0.
+    job = site.launch("#sweep-form", "#launch-sweep", space="fifo.yaml", out="tune", scheduler="asha",
+                      max_concurrent_trials="1")
 
     def in_progress() -> str | None:
         if any(t["state"] in ("running", "pending") for t in trial_states(site)):
@@ -301,6 +303,7 @@ def test_a_sweep_shows_each_trials_state_live_and_its_best_config(site: Site):
 
     assert site.until(in_progress, timeout=180) == "a trial in progress"  # seen live, the page reloading itself
     assert site.job_ends(job) == "SUCCEEDED", site.text("#logs")[-3000:]
+    assert "--scheduler asha --max-concurrent-trials 1" in site.b.page_source  # the job's command line
     states = {t["config"]["train.lr"]: (t["state"], t["tasks"]) for t in trial_states(site)}
     assert states == {0.01: ("finished", "2 / 2"), 0.0: ("stopped early", "1 / 2")}, states  # ASHA stopped lr 0
     assert '"lr": 0.01' in site.text("#best")

@@ -33,8 +33,20 @@ def rows():
     return generate_task("colour", 0, n_train=0, n_val=0, n_test=8).to_pylist()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def served(test_spec, backbone_dir, tmp_path_factory):
+def dashboard() -> str:
+    """The address of the Ray dashboard `served` starts (the console's Serve API goes through it)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def served(test_spec, backbone_dir, tmp_path_factory, dashboard):
     """The app running on a local Serve, with a bearer token and small limits; yields (url, registry)."""
     import ray
     from ray import serve
@@ -42,10 +54,9 @@ def served(test_spec, backbone_dir, tmp_path_factory):
 
     registry = served_registry(tmp_path_factory.mktemp("serve"), test_spec, backbone_dir)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=int(dashboard.rsplit(":", 1)[1]), _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"registry": registry.uri, "backbone": str(backbone_dir), "capacity": 2, "token": TOKEN,
             "batch_wait_s": 0.05, "preload": ["default/seqlora"],
@@ -312,3 +323,14 @@ def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answe
     ok = [(m, reply) for m, code, reply in results if code == 200]
     assert len(ok) >= 0.99 * len(results) and len(results) == 60
     assert all(reply["model"] == m and reply["choices"][0]["message"]["content"] == want[m] for m, reply in ok)
+
+
+def test_the_console_refuses_to_scale_an_app_started_with_serve_run(served, dashboard):
+    from strata.console import serving
+    from strata.console.config import ConsoleConfig
+
+    url, _, _ = served
+    cfg = ConsoleConfig(ray_dashboard=dashboard, serve_url=url)
+    with pytest.raises(RuntimeError, match="started with serve.run"):  # Serve would restart every replica
+        serving.scale(cfg, 3)
+    assert serving.replica_states(cfg).get("RUNNING")  # Serve's state, read through the same dashboard API

@@ -24,6 +24,7 @@ from strata.console.config import ConsoleConfig
 from strata.console.streams import StreamDir, find_streams, read_stream
 from strata.registry.commands import promote_version, rollback_version, version_rows
 from strata.registry.store import Ref, Registry, RegistryError
+from strata.tune import OPTIONS
 
 OPEN = ("/health", "/ready", "/signin", "/static/console.css")
 
@@ -228,7 +229,8 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
     @api.post("/launch/sweep")
     async def launch_sweep(request: Request) -> Response:
         f = await posted(request)
-        return await submit(request, lambda: launch.sweep(cfg, f.get("space", ""), f.get("out", "")))
+        options = {k: f.get(k, "") for k in OPTIONS}
+        return await submit(request, lambda: launch.sweep(cfg, f.get("space", ""), f.get("out", ""), options))
 
     def job_info(job_id: str):
         try:

@@ -58,18 +58,19 @@ def arrival(cfg: ConsoleConfig, out: str, stream: str, task: str, dataset: str, 
                                           "strategy": strategy})
 
 
-def sweep(cfg: ConsoleConfig, space: str, out: str) -> Launch:
-    """A Tune sweep from one of the console's sweep files, parsed and checked before it is submitted."""
-    from strata.tune import load_sweep
+def sweep(cfg: ConsoleConfig, space: str, out: str, options: dict[str, str] | None = None) -> Launch:
+    """A Tune sweep from one of the console's sweep files with some of its options replaced (`strata.tune.OPTIONS`),
+    parsed and checked before it is submitted."""
+    from strata.tune import load_sweep, option_flags, with_options
 
     check_name(space.removesuffix(".yaml"), "sweep file")
     path = cfg.tune_spaces / space
     if path.suffix != ".yaml" or not path.is_file():
         raise ValueError(f"no sweep file {space!r} in {cfg.tune_spaces}")
     check_name(out, "run directory")
-    parsed = load_sweep(path)  # a ValueError names the bad key
+    parsed = with_options(load_sweep(path), options or {})  # a ValueError names the bad key or option
     where = (cfg.runs / out).resolve()
-    return Launch("tune", (str(path.resolve()), "--out", str(where)),
+    return Launch("tune", (str(path.resolve()), "--out", str(where), *option_flags(options or {})),
                   {TAG: "sweep", "sweep": parsed.name, "out": str(where / parsed.name)})
 
 
