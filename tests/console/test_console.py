@@ -56,6 +56,9 @@ def test_every_page_needs_a_session_and_a_wrong_token_gets_401(site):
     assert anonymous.get("/streams", html=False, Authorization=f"Bearer {TOKEN}").status == 200  # scripts
     signed = live.browser()
     assert signed.sign_in(TOKEN).status == 303
+    for elsewhere in ("//evil.example/x", "/\\evil.example", "https://evil.example"):  # no open redirect
+        reply = signed.post("/signin", {"token": TOKEN, "next": elsewhere})
+        assert reply.status == 303 and reply.headers["location"] == "/streams", (elsewhere, reply.headers)
     assert signed.get("/streams").status == 200
 
 

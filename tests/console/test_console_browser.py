@@ -8,11 +8,13 @@ Screenshots of the main pages go to $STRATA_SCREENSHOTS when it is set (the READ
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -196,6 +198,27 @@ class Site:
         with urllib.request.urlopen(request, timeout=120) as reply:
             return json.loads(reply.read())["model"]
 
+    @contextlib.contextmanager
+    def traffic(self):
+        """Chat requests one after another while the block runs; yields their outcomes (model or error)."""
+        outcomes: list[str] = []
+        done = threading.Event()
+
+        def send() -> None:
+            while not done.is_set():
+                try:
+                    outcomes.append(self.chat_model())
+                except (urllib.error.URLError, OSError) as e:
+                    outcomes.append(f"failed: {e}")
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            yield outcomes
+        finally:
+            done.set()
+            sender.join(timeout=150)
+
     def shot(self, name: str) -> None:
         if where := os.environ.get("STRATA_SCREENSHOTS"):
             Path(where).mkdir(parents=True, exist_ok=True)
@@ -214,7 +237,6 @@ def test_the_users_path_from_sign_in_to_two_serving_replicas(site: Site):
                           dataset=str(site.files[task]), strategy="seqlora", steps="8", gate="report")
         assert site.job_ends(job) == "SUCCEEDED", site.text("#logs")[-3000:]
         assert f"task '{task}' arrives" in site.text("#logs")
-    site.shot("job")
     # 3. Launch a small sweep, and watch its trials finish.
     job = site.launch("#sweep-form", "#launch-sweep", space="mini.yaml", out="tune")
     assert site.job_ends(job) == "SUCCEEDED", site.text("#logs")[-3000:]
@@ -230,7 +252,6 @@ def test_the_users_path_from_sign_in_to_two_serving_replicas(site: Site):
     cells = site.b.find_elements("css selector", "table.matrix[data-strategy=seqlora] td")
     assert len(cells) == 4 and all(c.text != "—" for c in cells[:1]), [c.text for c in cells]
     assert len(site.b.find_elements("css selector", "svg.curve")) == 2
-    site.shot("stream")
     # 5. Promote a version and roll it back; the served answer follows each.
     assert site.until(site.chat_model, timeout=120, reload=False) == "walk/seqlora@v2"
     site.open("/registry/walk/seqlora")
@@ -242,10 +263,13 @@ def test_the_users_path_from_sign_in_to_two_serving_replicas(site: Site):
     assert site.text("#production") == "v2" and site.chat_model() == "walk/seqlora@v2"
     # 6. Scale serving to two replicas.
     site.open("/serving")
-    site.fill("form[action$='/serving/scale']", replicas="2")
-    site.click("#scale", confirm=True)
-    assert "scaled to 2 replicas" in site.text("#message")
-    site.until(lambda: site.text("#replicas") == "2" and "2 RUNNING" in site.text("#states"), timeout=180, every=2)
+    with site.traffic() as answers:  # no request fails while Serve adds the replica
+        site.fill("form[action$='/serving/scale']", replicas="2")
+        site.click("#scale", confirm=True)
+        assert "scaled to 2 replicas" in site.text("#message")
+        site.until(lambda: site.text("#replicas") == "2" and "2 RUNNING" in site.text("#states"), timeout=180,
+                   every=2)
+    assert answers and set(answers) == {"walk/seqlora@v2"}, answers
     assert "walk/seqlora@v2" in site.text("#adapters")
     site.shot("serving")
 
@@ -374,9 +398,10 @@ def test_a_refused_sweep_leaves_the_job_list_unchanged_and_a_running_job_stops(s
 def test_serving_scales_back_to_one_replica_from_the_page(site: Site):
     site.sign_in(TOKEN)
     site.open("/serving")
-    site.fill("form[action$='/serving/scale']", replicas="1")
-    site.click("#scale", confirm=True)
-    assert "scaled to 1 replicas" in site.text("#message")
-    site.until(lambda: "1 RUNNING" in site.text("#states") and "STOPPING" not in site.text("#states"), timeout=120,
-               every=2)
-    assert site.chat_model() == "walk/seqlora@v2"  # still answering
+    with site.traffic() as answers:  # no request fails while Serve drains and stops a replica
+        site.fill("form[action$='/serving/scale']", replicas="1")
+        site.click("#scale", confirm=True)
+        assert "scaled to 1 replicas" in site.text("#message")
+        site.until(lambda: "1 RUNNING" in site.text("#states") and "STOPPING" not in site.text("#states"),
+                   timeout=120, every=2)
+    assert answers and set(answers) == {"walk/seqlora@v2"}, answers

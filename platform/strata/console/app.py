@@ -98,16 +98,16 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
 
     @api.get("/signin", response_class=HTMLResponse)
     async def signin_form(request: Request, next: str = "/streams") -> HTMLResponse:
-        return page(request, "signin.html", next=next if next.startswith("/") else "/streams", error=None)
+        return page(request, "signin.html", next=own_page(next), error=None)
 
     @api.post("/signin")
     async def signin(request: Request) -> Response:
         form = await form_of(request)
-        target = form.get("next", "/streams")
+        target = own_page(form.get("next", ""))
         sid = sessions.sign_in(form.get("token"))
         if sid is None:
             return page(request, "signin.html", status=401, next=target, error="wrong token")
-        return signed_in_as(go(request, target if target.startswith("/") else "/streams"), request, sid)
+        return signed_in_as(go(request, target), request, sid)
 
     @api.post("/signout")
     async def signout(request: Request) -> Response:
@@ -222,9 +222,8 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
     @api.post("/launch/arrival")
     async def launch_arrival(request: Request) -> Response:
         f = await posted(request)
-        return await submit(request, lambda: launch.arrival(cfg, f.get("out", ""), f.get("stream", ""), f.get("task", ""),
-                                                   f.get("dataset", ""), f.get("strategy", ""), f.get("steps", ""),
-                                                   f.get("gate", "enforce")))
+        fields = [f.get(k, "") for k in ("out", "stream", "task", "dataset", "strategy", "steps")]
+        return await submit(request, lambda: launch.arrival(cfg, *fields, f.get("gate", "enforce")))
 
     @api.post("/launch/sweep")
     async def launch_sweep(request: Request) -> Response:
@@ -303,6 +302,11 @@ def route(request: Request) -> str:
     """The request's path below the mount point, as the routes name it."""
     path, mount = request.scope["path"], root(request)
     return (path[len(mount):] or "/") if mount and path.startswith(mount) else path
+
+
+def own_page(target: str) -> str:
+    """Where sign-in may send the browser: a path of this console; "//host" or "/\\host" would leave it."""
+    return target if target.startswith("/") and not target.startswith(("//", "/\\")) else "/streams"
 
 
 def go(request: Request, target: str) -> RedirectResponse:
