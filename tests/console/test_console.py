@@ -39,12 +39,12 @@ def site(tmp_path_factory, test_spec, backbone_dir):
                         tune_spaces=Path(__file__).parents[2] / "tune_spaces", ray_dashboard="http://127.0.0.1:9",
                         serve_url="http://127.0.0.1:9")  # nothing listens on port 9: no Ray, no serving
     live = LiveConsole(create_app(cfg))
-    yield live, reg, tmp
+    yield live, reg, tmp, cfg
     live.stop()
 
 
 def test_every_page_needs_a_session_and_a_wrong_token_gets_401(site):
-    live, _, _ = site
+    live, _, _, _ = site
     anonymous = live.browser()
     assert anonymous.get("/health").status == 200  # probes stay open
     page = anonymous.get("/registry")
@@ -63,7 +63,7 @@ def test_every_page_needs_a_session_and_a_wrong_token_gets_401(site):
 
 
 def test_a_post_without_the_session_csrf_token_changes_nothing(site):
-    live, reg, _ = site
+    live, reg, _, _ = site
     user = live.browser()
     user.sign_in(TOKEN)
     other = live.browser()
@@ -75,7 +75,7 @@ def test_a_post_without_the_session_csrf_token_changes_nothing(site):
 
 
 def test_the_stream_page_shows_the_timeline_matrix_metrics_and_curves_and_polls_while_training(site):
-    live, _, _ = site
+    live, _, _, _ = site
     user = live.browser()
     user.sign_in(TOKEN)
     page = user.get("/streams")
@@ -90,7 +90,7 @@ def test_the_stream_page_shows_the_timeline_matrix_metrics_and_curves_and_polls_
 
 
 def test_promote_and_roll_back_from_the_page_use_the_registry_and_diff_compares_versions(site):
-    live, reg, _ = site
+    live, reg, _, _ = site
     user = live.browser()
     user.sign_in(TOKEN)
     page = user.get("/registry/default/seqlora").text
@@ -112,7 +112,7 @@ def test_promote_and_roll_back_from_the_page_use_the_registry_and_diff_compares_
 
 def test_a_launch_with_bad_input_is_refused_with_its_reason_before_any_job(site):
     """The Ray dashboard address here is unreachable: a refused launch never gets that far."""
-    live, _, tmp = site
+    live, _, tmp, _ = site
     user = live.browser()
     user.sign_in(TOKEN)
     csrf = user.csrf("/launch")
@@ -137,10 +137,11 @@ def test_a_launch_with_bad_input_is_refused_with_its_reason_before_any_job(site)
     assert reply.status == 400 and "num_samples must be &gt;= 1" in reply.text, reply.text[-600:]
 
 
-def test_sessions_are_signed_survive_a_restart_and_expire(monkeypatch) -> None:
+def test_sessions_are_signed_survive_a_restart_and_expire_and_signing_out_holds_everywhere(monkeypatch,
+                                                                                           tmp_path) -> None:
     from strata.console import auth
 
-    sessions = auth.Sessions("t")
+    sessions = auth.Sessions("t", tmp_path / auth.SIGNED_OUT)
     assert sessions.sign_in("wrong") is None
     sid = sessions.sign_in("t")
     restarted, other = auth.Sessions("t"), auth.Sessions("another token")
@@ -151,14 +152,18 @@ def test_sessions_are_signed_survive_a_restart_and_expire(monkeypatch) -> None:
         assert not sessions.valid(forged), forged
     second = sessions.sign_in("t")
     assert not sessions.csrf_ok(second, sessions.csrf(sid))  # a CSRF token is its own session's only
+    replica = auth.Sessions("t", tmp_path / auth.SIGNED_OUT)  # another replica, or the console restarted
+    assert replica.valid(sid)
     sessions.sign_out(sid)
     assert not sessions.valid(sid) and sessions.valid(second)
+    assert not replica.valid(sid) and replica.valid(second)  # it reads the shared file
+    assert not auth.Sessions("t", tmp_path / auth.SIGNED_OUT).valid(sid)
     monkeypatch.setattr(auth.time, "time", lambda: int(expiry) + 1)
     assert not sessions.valid(second)  # expired
 
 
 def test_without_ray_or_serving_the_pages_say_so_and_actions_are_refused_with_the_reason(site):
-    live, _, _ = site
+    live, _, _, _ = site
     user = live.browser()
     user.sign_in(TOKEN)
     page = user.get("/serving")
@@ -175,9 +180,7 @@ def test_without_ray_or_serving_the_pages_say_so_and_actions_are_refused_with_th
 
 
 def test_under_a_path_prefix_every_link_redirect_and_cookie_carries_it(site):
-    _, reg, tmp = site
-    cfg = ConsoleConfig(runs=tmp / "runs", registry=reg.uri, data_roots=(tmp / "data",), token=TOKEN,
-                        ray_dashboard="http://127.0.0.1:9", serve_url="http://127.0.0.1:9")
+    _, reg, _, cfg = site
     # Mounted under /console, as Serve's route prefix (or a proxy with `strata console --root-path`) does.
     live = LiveConsole(Starlette(routes=[Mount("/console", app=create_app(cfg))]))
     try:
@@ -211,3 +214,22 @@ def test_the_serve_console_without_a_token_is_locked_but_answers_probes() -> Non
             assert reply.status == 503 and LOCKED in reply.text
     finally:
         live.stop()
+
+
+def test_a_signed_out_session_is_refused_by_this_console_and_by_a_restarted_one(site):
+    live, _, _, cfg = site
+    user = live.browser()
+    user.sign_in(TOKEN)
+    (cookie,) = [c.value for c in user.jar if c.name == "strata_console"]
+    reply = user.post("/signout", {"csrf": user.csrf("/streams")})
+    assert reply.status == 303 and reply.headers["location"] == "/signin"
+    thief = live.browser()  # a copy of the cookie, kept after the sign-out
+    assert thief.get("/streams", Cookie=f"strata_console={cookie}").status == 303
+    restarted = LiveConsole(create_app(cfg))
+    try:
+        assert restarted.browser().get("/streams", Cookie=f"strata_console={cookie}").status == 303
+        fresh = restarted.browser()
+        fresh.sign_in(TOKEN)
+        assert fresh.get("/streams").status == 200
+    finally:
+        restarted.stop()

@@ -19,7 +19,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from strata import strategies
 from strata.config import check_name
 from strata.console import launch, serving
-from strata.console.auth import COOKIE, SESSION_S, Sessions
+from strata.console.auth import COOKIE, SESSION_S, SIGNED_OUT, Sessions
 from strata.console.config import ConsoleConfig
 from strata.console.streams import StreamDir, find_streams, read_stream
 from strata.registry.commands import promote_version, rollback_version, version_rows
@@ -44,7 +44,7 @@ def create_app(cfg: ConsoleConfig, serve_token: str | None = None) -> FastAPI:
                         autoescape=select_autoescape(["html"]))
     pages.filters["when"] = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "—"
     pages.filters["pct"] = lambda v: "—" if v is None else f"{v:.1f}"
-    sessions = Sessions(cfg.token)
+    sessions = Sessions(cfg.token, cfg.runs / SIGNED_OUT)
     state: dict = {}  # lazily made clients (Ray's job client connects on creation)
 
     def jobs() -> launch.Jobs:
