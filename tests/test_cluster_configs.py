@@ -117,8 +117,11 @@ def test_serve_configs_import_the_app_and_their_args_parse(source: str) -> None:
         assert console["import_path"] == "serve_apps.console_app:app" and console["route_prefix"] == "/console"
         assert console["args"]["registry"] == application["args"]["registry"]  # it promotes what is served
         console_app(console["args"])
-        with pytest.raises(ValueError, match="unknown console arg"):
+        with pytest.raises(ValueError, match="unknown key.*console args: data_root"):
             ConsoleConfig.from_args({**console["args"], "data_root": ["data"]})
+        with pytest.raises(ValueError, match="data_roots must be a list"):
+            ConsoleConfig.from_args({**console["args"], "data_roots": "data"})
+        assert ConsoleConfig.from_args(console["args"]).data_roots == tuple(map(Path, console["args"]["data_roots"]))
 
 
 def test_the_runtime_env_example_is_a_valid_runtime_env() -> None:

@@ -105,6 +105,7 @@ def test_promote_and_roll_back_from_the_page_use_the_registry_and_diff_compares_
     assert reply.status == 303 and reg.production("default", "seqlora") == 1
     diff = user.get("/registry/default/seqlora/diff?a=1&b=2")
     assert diff.status == 200 and "stage" in diff.text
+    assert user.get("/registry/default/seqlora/diff?a=1&b=9").status == 404
     assert user.post("/registry/default/seqlora/promote", {"version": "9", "csrf": csrf}).status == 400
     assert user.get("/registry/default/nosuch").status == 404
     assert user.get("/registry/default/bad..name").status == 400

@@ -137,14 +137,26 @@ class Site:
 
     def click(self, css: str, confirm: bool = False) -> None:
         """Click a link or a form's button (accepting its confirmation), and wait for the next page."""
-        from selenium.webdriver.support.expected_conditions import staleness_of
+        from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
         from selenium.webdriver.support.ui import WebDriverWait
 
         page = self.b.find_element("tag name", "html")
+
+        def gone(_) -> bool:
+            try:
+                page.is_enabled()
+            except StaleElementReferenceException:
+                return True
+            except WebDriverException as e:  # Chromium may say so this way while the next page replaces it
+                if "does not belong to the document" in str(e):
+                    return True
+                raise
+            return False
+
         self.b.find_element("css selector", css).click()
         if confirm:
             self.b.switch_to.alert.accept()
-        WebDriverWait(self.b, 120).until(staleness_of(page))
+        WebDriverWait(self.b, 120).until(gone)
 
     def click_and_cancel(self, css: str) -> str:
         """Click a button that asks for confirmation, and say no; the question asked."""
@@ -388,6 +400,8 @@ def test_a_refused_sweep_leaves_the_job_list_unchanged_and_a_running_job_stops(s
     assert "not launched" in site.text("#message") and "sweep metric must be one of" in site.text("#message")
     site.open("/launch")
     assert len(site.b.find_elements("css selector", "#jobs tr")) == before
+    site.open("/jobs/raysubmit_nosuch")
+    assert "no job 'raysubmit_nosuch'" in site.text("#message")
     job = site.launch("#arrival-form", "#launch-arrival", out="long", stream="default", task="colour",
                       dataset=str(site.files["colour"]), strategy="seqlora", steps="100000")
     site.open(f"/jobs/{job}")

@@ -40,14 +40,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def dashboard() -> str:
-    """The address of the Ray dashboard `served` starts (the console's Serve API goes through it)."""
-    return f"http://127.0.0.1:{free_port()}"
-
-
-@pytest.fixture(scope="module")
-def served(test_spec, backbone_dir, tmp_path_factory, dashboard):
-    """The app running on a local Serve, with a bearer token and small limits; yields (url, registry)."""
+def served(test_spec, backbone_dir, tmp_path_factory):
+    """The app running on a local Serve, with a bearer token and small limits; yields (url, registry, args,
+    the Ray dashboard's address)."""
     import ray
     from ray import serve
     from serve_apps.openai_app import app
@@ -55,14 +50,15 @@ def served(test_spec, backbone_dir, tmp_path_factory, dashboard):
     registry = served_registry(tmp_path_factory.mktemp("serve"), test_spec, backbone_dir)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=int(dashboard.rsplit(":", 1)[1]), _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    # The dashboard's port is Ray's pick: one chosen here could be taken by Ray's own components meanwhile.
+    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"registry": registry.uri, "backbone": str(backbone_dir), "capacity": 2, "token": TOKEN,
             "batch_wait_s": 0.05, "preload": ["default/seqlora"],
             "limits": {"max_body_bytes": 1_000_000, "max_image_bytes": 200_000, "max_pixels": 512 * 512}}
     serve.run(app(args), name="strata", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", registry, args
+    yield f"http://127.0.0.1:{port}", registry, args, f"http://{context.dashboard_url}"
     serve.shutdown()
     ray.shutdown()
 
@@ -133,7 +129,7 @@ def test_the_openai_client_gets_offline_answers_streams_and_follows_promotion(se
                                                                                 tmp_path):
     from openai import OpenAI
 
-    url, registry, _ = served
+    url, registry, *_ = served
     client = OpenAI(base_url=f"{url}/v1", api_key=TOKEN)
     row = rows[1]
     messages = chat("x", row)["messages"]
@@ -262,7 +258,7 @@ def test_a_hot_adapter_uses_every_replica_and_replicas_preload_the_next_hot_one(
     from ray import serve
     from serve_apps.openai_app import app
 
-    url, _, args = served
+    url, _, args, _ = served
     serve.run(app({**args, "replicas": 2, "hot_window_s": 5.0}), name="strata", route_prefix="/")
     while len(stats(url)["replicas"]) != 2:  # the replaced replica's last report goes stale
         pass
@@ -296,7 +292,7 @@ def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answe
     from ray import serve
     from serve_apps.openai_app import app
 
-    url, _, args = served
+    url, _, args, _ = served
     serve.run(app({**args, "replicas": 2}), name="strata", route_prefix="/")  # redeployed in place
     models = ["default/seqlora@v1", "default/seqlora@v2", "default/colour@v1"]
     want = {m: post(url, chat(m, rows[0]))[1]["choices"][0]["message"]["content"] for m in models}
@@ -325,12 +321,14 @@ def test_a_killed_replica_costs_under_one_percent_of_requests_and_no_wrong_answe
     assert all(reply["model"] == m and reply["choices"][0]["message"]["content"] == want[m] for m, reply in ok)
 
 
-def test_the_console_refuses_to_scale_an_app_started_with_serve_run(served, dashboard):
+def test_the_console_refuses_to_scale_an_app_started_with_serve_run(served):
     from strata.console import serving
     from strata.console.config import ConsoleConfig
 
-    url, _, _ = served
+    url, _, _, dashboard = served
     cfg = ConsoleConfig(ray_dashboard=dashboard, serve_url=url)
     with pytest.raises(RuntimeError, match="started with serve.run"):  # Serve would restart every replica
         serving.scale(cfg, 3)
+    with pytest.raises(RuntimeError, match="no Serve application 'nosuch'"):
+        serving.scale(ConsoleConfig(ray_dashboard=dashboard, serve_url=url, serve_app="nosuch"), 3)
     assert serving.replica_states(cfg).get("RUNNING")  # Serve's state, read through the same dashboard API

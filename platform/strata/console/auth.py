@@ -76,9 +76,12 @@ class Sessions:
 
     def _signed_out(self) -> dict[str, int]:
         """The signed-out sessions, re-read when another console changed the file."""
-        if self.file is not None and self.file.is_file() and self.file.stat().st_mtime != self.read_at:
-            self.read_at = self.file.stat().st_mtime
-            self.signed_out = json.loads(self.file.read_text())
+        try:
+            mtime = self.file.stat().st_mtime if self.file is not None else self.read_at
+        except FileNotFoundError:  # nobody has signed out yet
+            mtime = self.read_at
+        if mtime != self.read_at:
+            self.read_at, self.signed_out = mtime, json.loads(self.file.read_text())
         return self.signed_out
 
 

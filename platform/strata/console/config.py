@@ -1,9 +1,12 @@
-"""What the console reads and where it may write: typed and frozen, filled by `strata console` flags."""
+"""What the console reads and where it may write: typed and frozen, filled by `strata console` flags
+or a Serve application's args."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
+
+from strata.config import from_dict
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,12 @@ class ConsoleConfig:
     repo: Path = Path(".")  # the repository jobs run in (their working directory)
 
     def __post_init__(self) -> None:
+        if isinstance(self.data_roots, (str, Path)):
+            raise ValueError(  # noqa: TRY004 - the edges report ValueErrors
+                f"console data_roots must be a list of directories, got {self.data_roots!r}")
+        for name in ("runs", "tune_spaces", "repo"):  # YAML args give strings
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "data_roots", tuple(Path(p) for p in self.data_roots))
         for url in (self.ray_dashboard, self.serve_url):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"console address {url!r} must start with http:// or https://")
@@ -34,15 +43,7 @@ class ConsoleConfig:
     @staticmethod
     def from_args(args: dict) -> ConsoleConfig:
         """Fill the config from a Serve application's args (unknown keys are an error)."""
-        known = {f.name for f in fields(ConsoleConfig)}
-        if unknown := set(args) - known:
-            raise ValueError(f"unknown console arg(s) {sorted(unknown)}; known: {sorted(known)}")
-        values = {k: Path(v) if k in ("runs", "tune_spaces", "repo") else v for k, v in args.items()}
-        if "data_roots" in values:
-            if not isinstance(values["data_roots"], list):
-                raise ValueError(f"console arg data_roots must be a list of directories, got {values['data_roots']!r}")
-            values["data_roots"] = tuple(Path(p) for p in values["data_roots"])
-        return ConsoleConfig(**values)
+        return from_dict(ConsoleConfig, args, "console args")
 
     def within_data_roots(self, path: str) -> Path:
         """The dataset path, resolved, if it lies under a data root; else a ValueError that says which roots."""
